@@ -1,0 +1,55 @@
+"""KFP v2 components: typed signatures around ``lesionflow.steps.entrypoints``, nothing else.
+
+All run in the project image (``lesionflow.IMAGE``), which already holds kfp, so the runtime
+``pip install kfp`` is skipped. Bodies import inside the function because KFP ships only the
+function's source to the container.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from lesionflow import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def ingest(params_json: str, pipeline_run_id: str, dataset: Output[Dataset]) -> NamedTuple(
+        "IngestOutputs", [("dvc_md5", str), ("n_records", int)]):
+    """Source (folder, S3 prefix or synthetic) → canonical dataset, versioned with DVC."""
+    from lesionflow.steps import entrypoints
+
+    out = entrypoints.ingest(params_json, pipeline_run_id, dataset.path)
+    dataset.metadata.update(out)
+    return (out["dvc_md5"], out["n_records"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], model: Output[Model],
+          metrics: Output[Metrics]):
+    """Supervised U-Net baseline (Dice + BCE) on the dataset's train split."""
+    from lesionflow.steps import entrypoints
+
+    out = entrypoints.train(params_json, pipeline_run_id, dataset.path, model.path)
+    model.metadata.update(out)
+    metrics.log_metric("best_val_dice", out["best_val_dice"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], model: Input[Model],
+             report: Output[Dataset], metrics: Output[Metrics]):
+    """Dice / IoU / HD95 per lesion type and fps, for the candidate and the current champion."""
+    from lesionflow.steps import entrypoints
+
+    out = entrypoints.evaluate(params_json, pipeline_run_id, dataset.path, model.path, report.path)
+    for key, value in out.items():
+        metrics.log_metric(key, value)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def register(params_json: str, pipeline_run_id: str, dataset_md5: str, model: Input[Model],
+             report: Input[Dataset]) -> str:
+    """Register with lineage; move `champion` only if the promotion gate passes."""
+    from lesionflow.steps import entrypoints
+
+    return entrypoints.register(params_json, pipeline_run_id, model.path, report.path, dataset_md5)

@@ -1,0 +1,156 @@
+"""``lesionflow`` command line: thin shims over the package (argument parsing and printing only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from lesionflow import config  # noqa: E402
+from lesionflow.errors import LesionflowError  # noqa: E402
+
+
+def _load_params(args: argparse.Namespace) -> config.Params:
+    overrides = list(args.set or [])
+    if getattr(args, "source", None):
+        overrides.append(f"ingest.source={args.source}")
+    params = config.load(args.params, overrides)
+    # Components run as subprocesses (or pods): pin the workdir to an absolute path once here.
+    runtime = params.runtime.model_copy(update={"workdir": str(params.runtime.resolved_workdir())})
+    return params.model_copy(update={"runtime": runtime})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lesionflow.pipeline_runs import run_local
+
+    summary = run_local(_load_params(args))
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    overall = summary["test_metrics"]["overall"]
+    lines = [
+        "",
+        "lesionflow run finished",
+        f"  pipeline run     {summary['pipeline_run_id']}",
+        f"  dataset (DVC)    {summary['dataset_dvc_md5']}",
+        f"  test metrics     dice {overall['dice']:.3f}  iou {overall['iou']:.3f}  "
+        f"hd95 {overall['hd95']:.1f}px  (n={overall['n']})",
+    ]
+    for name, row in summary["test_metrics"].items():
+        if name != "overall":
+            lines.append(f"    {name:<14} dice {row['dice']:.3f}  iou {row['iou']:.3f}  (n={row['n']})")
+    lines += [
+        f"  inference        {summary['fps']:.1f} frames/s (real time: 30)",
+        f"  registered       {summary['model']} v{summary['version']}",
+        f"  gate             {'promoted' if summary['promoted'] else 'refused'}: {summary['gate']}",
+        f"  champion         v{summary['champion']}",
+        f"  MLflow           {summary['tracking_uri']}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.lesionflow_pipeline import compile_pipeline
+
+    print(compile_pipeline(Path(args.out)) if args.out else compile_pipeline())
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from lesionflow.pipeline_runs import submit
+
+    run_id = submit(_load_params(args), host=args.host, experiment=args.experiment,
+                    run_name=args.run_name)
+    print(f"submitted run {run_id} to {args.host}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from lesionflow.steps.ingest import build_dataset
+
+    report = build_dataset(_load_params(args), Path(args.out))
+    print(report.summary())
+    return 0
+
+
+def _registry_params(args: argparse.Namespace) -> config.Params:
+    from lesionflow import tracking
+
+    params = _load_params(args)
+    tracking.connect(params)
+    return params
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from lesionflow import registry
+
+    params = _registry_params(args)
+    moves = registry.history(params.runtime.model_name, alias=args.alias)
+    if not moves:
+        print(f"no {args.alias} moves recorded for {params.runtime.model_name}")
+    for m in moves:
+        print(f"{m.when}  {m.action:<8} {m.alias}: {m.from_version or '-'} → {m.to_version}  "
+              f"by {m.who}  ({m.why})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from lesionflow import registry
+
+    params = _registry_params(args)
+    move = registry.rollback(params.runtime.model_name, args.to, why=args.why)
+    print(f"champion of {params.runtime.model_name}: v{move.from_version} → v{move.to_version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--params", nargs="+", default=["params.yaml"], metavar="FILE",
+                       help="params files, deep-merged in order (default: params.yaml)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a params key, e.g. --set train.epochs=2 (repeatable)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("run", cmd_run, "run the pipeline locally with kfp.local (the main job)")
+    p.add_argument("--source", help="shortcut for --set ingest.source=…")
+    p = add("compile", cmd_compile, "compile the pipeline to KFP YAML")
+    p.add_argument("--out", help="output path (default: pipelines/lesionflow_pipeline.yaml)")
+    p = add("submit", cmd_submit, "submit the compiled pipeline to a KFP endpoint")
+    p.add_argument("--host", required=True)
+    p.add_argument("--experiment", default="lesionflow")
+    p.add_argument("--run-name")
+    p.add_argument("--source", help="shortcut for --set ingest.source=…")
+    p = add("ingest", cmd_ingest, "build the canonical dataset only (used by dvc.yaml)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--source", help="shortcut for --set ingest.source=…")
+    p = add("history", cmd_history, "show the append-only alias history")
+    p.add_argument("--alias", default="champion")
+    p = add("rollback", cmd_rollback, "move champion back to the previous (or a named) version")
+    p.add_argument("--to", help="version number (default: the previous champion)")
+    p.add_argument("--why", default="manual rollback")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LesionflowError as err:
+        print(f"lesionflow: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Typed configuration: one pydantic model per pipeline step under one root, validated once.
+
+``params.yaml`` is the single source of every tunable; CLI ``--set key.path=value`` overrides are
+applied to the raw mapping before validation so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lesionflow.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuntimeConfig(_Section):
+    """Where things live. ``null`` means the embedded local default under ``workdir``."""
+
+    workdir: str = ".lesionflow"
+    mlflow_tracking_uri: str | None = None
+    dvc_remote: str | None = None
+    s3_endpoint_url: str | None = None
+    experiment: str = "lesionflow"
+    model_name: str = "lesionflow-segmenter"
+
+    def resolved_workdir(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.resolved_workdir() / 'mlflow.db'}"
+
+    def remote(self) -> str:
+        return self.dvc_remote or str(self.resolved_workdir() / "dvc-remote")
+
+
+class MetadataColumns(_Section):
+    """Names of metadata-CSV columns; ``null`` means the field is not in the CSV."""
+
+    id: str = "id"
+    lesion_type: str | None = None
+    group: str | None = None
+    frame: str | None = None
+    key_frame: str | None = None
+    area_ratio: str | None = None
+    area_error: str | None = None
+
+
+class SplitFractions(_Section):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitFractions":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class IngestConfig(_Section):
+    """How a folder (or S3 prefix) becomes a canonical dataset. See README "Bring your data"."""
+
+    source: str = "synthetic"
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+    mask_suffix: str = ""
+    metadata_csv: str | None = None
+    columns: MetadataColumns = MetadataColumns()
+    folder_fields: list[Literal["lesion_type", "group"]] = []
+    default_lesion_type: str = "lesion"
+    on_error: Literal["raise", "skip"] = "raise"
+    split: SplitFractions = SplitFractions()
+    max_side: int | None = Field(512, ge=16)
+    volume_slice_axis: int = Field(2, ge=0, le=2)
+
+
+class SyntheticConfig(_Section):
+    """The deterministic synthetic lesion generator used when ``ingest.source: synthetic``."""
+
+    n_images: int = Field(96, ge=4)
+    n_videos: int = Field(4, ge=0)
+    frames_per_video: int = Field(8, ge=2)
+    size: int = Field(96, ge=32)
+    lesion_types: list[str] = ["round", "elongated"]
+
+
+class ModelConfig(_Section):
+    """Compact U-Net: ``depth`` down/up levels, channels double from ``base_channels``."""
+
+    in_channels: int = Field(3, ge=1)
+    base_channels: int = Field(16, ge=4)
+    depth: int = Field(4, ge=1, le=6)
+    upsample: Literal["bilinear", "transpose"] = "bilinear"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    image_size: int = Field(128, ge=32)
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    bce_weight: float = Field(0.5, ge=0)
+    dice_weight: float = Field(0.5, ge=0)
+    augment: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0)
+    max_minutes: float | None = Field(None, gt=0)
+
+
+class EvaluateConfig(_Section):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    n_overlays: int = Field(8, ge=0)
+
+
+class RegistryConfig(_Section):
+    gate_metric: Literal["dice", "iou"] = "dice"
+    tolerance: float = Field(0.01, ge=0)
+
+
+class Params(_Section):
+    """The root of ``params.yaml``."""
+
+    seed: int = 0
+    runtime: RuntimeConfig = RuntimeConfig()
+    ingest: IngestConfig = IngestConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def digest(self) -> str:
+        """Stable hash of the tunables (runtime locations excluded: they don't change results)."""
+        payload = self.model_dump(mode="json", exclude={"runtime"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            allowed = ", ".join(sorted(section.model_fields)) if section else "?"
+            msg = f"unknown key (allowed here: {allowed})"
+        lines.append(f"  {key}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def validate(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML so ``1e-3``, ``true``, ``null``
+    and ``[a, b]`` mean what they look like."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return raw
+
+
+def load(paths: str | Path | list[str | Path] | None = "params.yaml",
+         overrides: list[str] | None = None) -> Params:
+    """Read and deep-merge params files in order (later files win, e.g. ``params.yaml`` then
+    ``configs/kvasir-seg.yaml``), apply ``key=value`` overrides, validate once.
+    ``paths=None`` starts from the built-in defaults."""
+    if paths is None:
+        paths = []
+    elif not isinstance(paths, list):
+        paths = [paths]
+    raw: dict[str, Any] = {}
+    for path in paths:
+        _deep_merge(raw, _read_yaml(Path(path)))
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def from_json(text: str) -> Params:
+    """Inverse of ``params.model_dump_json()`` — how pipeline components receive the config."""
+    return validate(json.loads(text))

@@ -1,0 +1,50 @@
+"""Named errors: every bad input a user can cause maps to one of these, with a message that names
+the offending key or file so the fix is obvious without reading a traceback."""
+
+
+class LesionflowError(Exception):
+    """Base class for errors the user can fix (bad config, bad data, bad registry request)."""
+
+
+class ConfigError(LesionflowError):
+    """params.yaml or a CLI override is invalid."""
+
+
+class IngestError(LesionflowError):
+    """The ingest source is unusable; nothing has been written."""
+
+
+class UnreadableImageError(IngestError):
+    """An image or mask file cannot be decoded."""
+
+
+class MaskSizeMismatchError(IngestError):
+    """A mask's height/width differ from its image's."""
+
+
+class OrphanMaskError(IngestError):
+    """A mask exists without a matching image."""
+
+
+class DuplicateIdError(IngestError):
+    """Two source files map to the same record id."""
+
+
+class EmptySourceError(IngestError):
+    """The source holds no images."""
+
+
+class AreaRatioError(IngestError):
+    """A weak label's area ratio (or its error) lies outside [0, 1]."""
+
+
+class MetadataError(IngestError):
+    """The metadata CSV is missing a configured column or refers to unknown ids."""
+
+
+class DatasetVersionError(LesionflowError):
+    """DVC could not version, push or restore a dataset."""
+
+
+class RegistryError(LesionflowError):
+    """A registry request (alias, version, rollback target) cannot be satisfied."""

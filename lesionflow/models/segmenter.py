@@ -1,0 +1,64 @@
+"""``Segmenter``: the network plus its preprocessing, the unit that is trained, logged, registered,
+served and rolled back — so a registered version always carries the input conventions it was
+trained with (image size, channel count, intensity normalisation from the dataset fingerprint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lesionflow.data.transforms import resize_image, resize_prob, to_channels
+from lesionflow.models.unet import UNet
+
+
+class Segmenter(nn.Module):
+    def __init__(self, net: UNet, image_size: int, mean: list[float], std: list[float]):
+        super().__init__()
+        if image_size % net.multiple:
+            raise ValueError(f"image_size {image_size} must be a multiple of {net.multiple}")
+        self.net = net
+        self.image_size = image_size
+        channels = net.hparams["in_channels"]
+        self.register_buffer("mean", torch.tensor(mean[:channels], dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std[:channels], dtype=torch.float32).view(-1, 1, 1))
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.hparams["in_channels"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for uint8-scaled input (B, C, S, S); normalisation happens here."""
+        return self.net((x - self.mean) / self.std)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """uint8 image of any size → (C, S, S) uint8 array at the model's resolution."""
+        return resize_image(to_channels(image, self.in_channels), self.image_size).transpose(2, 0, 1)
+
+    @torch.no_grad()
+    def predict_proba(self, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """Lesion probability per pixel, each map at its own image's size."""
+        self.eval()
+        device = self.mean.device
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            x = torch.from_numpy(np.stack([self.prepare(im) for im in chunk])).float().to(device)
+            probs = torch.sigmoid(self(x))[:, 0].cpu().numpy()
+            out += [resize_prob(p, im.shape[0], im.shape[1]) for p, im in zip(probs, chunk)]
+        return out
+
+    def save(self, path: Path) -> None:
+        torch.save({"hparams": self.net.hparams, "image_size": self.image_size,
+                    "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                    "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: Path, map_location: str = "cpu") -> "Segmenter":
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        model = cls(UNet(**blob["hparams"]), blob["image_size"], blob["mean"], blob["std"])
+        model.load_state_dict(blob["state_dict"])
+        return model

@@ -1,0 +1,325 @@
+"""Model registry: versions with lineage, a promotion gate, aliases with an audited history, rollback.
+
+Everything lives in the MLflow tracking server (not on a local disk), so the same calls work from a
+laptop against `sqlite:///` and from a KFP pod against the cluster's server. Aliases only — MLflow
+stages are deprecated. MLflow keeps no record of alias moves, so every move is also written as a
+finished run in the experiment ``<model>-alias-history``: readable in the UI, never edited, and the
+source of truth for "what was champion before".
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal, get_args
+
+import mlflow
+import mlflow.pytorch
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+
+from lesionflow.errors import RegistryError
+
+TAG_DATASET_MD5 = "lesionflow.dataset_md5"
+TAG_GIT_COMMIT = "lesionflow.git_commit"
+TAG_PARAMS_HASH = "lesionflow.params_hash"
+TAG_PIPELINE_RUN_ID = "lesionflow.pipeline_run_id"
+TAG_PARENT_VERSION = "lesionflow.parent_version"
+METRIC_TAG_PREFIX = "lesionflow.metric."
+LINEAGE_KEYS = (TAG_DATASET_MD5, TAG_GIT_COMMIT, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID, TAG_PARENT_VERSION)
+# The caller must know these; git commit and parent version can be found out here.
+REQUIRED_LINEAGE = (TAG_DATASET_MD5, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID)
+
+CHAMPION = "champion"
+NONE = "none"
+Action = Literal["promote", "rollback", "set"]
+ACTIONS = get_args(Action)
+
+
+def _client() -> MlflowClient:
+    # Built per call so it follows whatever tracking URI is current.
+    return MlflowClient()
+
+
+def git_commit(repo_dir: str | os.PathLike | None = None) -> str:
+    """The code version: HEAD of the checkout, else the SHA baked into the image, else "unknown"."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return os.environ.get("LESIONFLOW_GIT_SHA") or "unknown"
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit pins: MLflow's requirement inference costs ~5 s per logged model. The local label
+    # ("+cpu") is dropped so the pin stays installable from PyPI.
+    import cloudpickle
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"cloudpickle=={cloudpickle.__version__}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+
+
+def _versions(name: str) -> list[str]:
+    found = _client().search_model_versions(f"name = '{name}'")
+    return sorted((str(mv.version) for mv in found), key=int)
+
+
+def _check_version(name: str, version: str) -> None:
+    try:
+        _client().get_model_version(name, str(version))
+    except MlflowException as e:
+        existing = _versions(name)
+        raise RegistryError(
+            f"model {name!r} has no version {version!r}; existing versions: "
+            f"{', '.join(existing) if existing else 'none'}"
+        ) from e
+
+
+def champion_version(name: str) -> str | None:
+    """The version the ``champion`` alias points at, or None (no alias or no such model yet)."""
+    return _alias_version(name, CHAMPION)
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def register_model(
+    model: torch.nn.Module, *, name: str, lineage: dict[str, str], metrics: dict[str, float]
+) -> str:
+    """Log ``model`` in the active run and register it as a new version of ``name``.
+
+    Lineage and metrics go on the version (what the registry UI and the gate read) and on the run
+    (what the experiment UI shows). ``lineage`` is keyed by the ``TAG_*`` constants; the git commit
+    and the parent version (the champion right now, or "none") are filled in when absent.
+    Returns the new version number as a string.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RegistryError("register_model must be called inside an active MLflow run")
+    unknown = sorted(set(lineage) - set(LINEAGE_KEYS))
+    missing = [k for k in REQUIRED_LINEAGE if not lineage.get(k)]
+    if unknown or missing:
+        raise RegistryError(
+            f"lineage for {name!r}: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
+            f"keys are {list(LINEAGE_KEYS)}"
+        )
+    tags = {
+        TAG_GIT_COMMIT: git_commit(),
+        TAG_PARENT_VERSION: champion_version(name) or NONE,
+        **{k: str(v) for k, v in lineage.items()},
+        **{METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in metrics.items()},
+    }
+    info = mlflow.pytorch.log_model(
+        model, name="model", serialization_format="pickle", pip_requirements=_pip_requirements()
+    )
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    mlflow.set_tags(tags)
+    return str(mv.version)
+
+
+def version_info(name: str, version: str) -> dict:
+    """What the CLI shows for one version: aliases, source run, creation time and all its tags."""
+    _check_version(name, version)
+    mv = _client().get_model_version(name, str(version))
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "aliases": list(mv.aliases),
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(),
+        "tags": dict(mv.tags),
+    }
+
+
+def version_metrics(name: str, version: str) -> dict[str, float]:
+    """The metrics recorded at registration, e.g. to feed the champion's side of the gate."""
+    tags = version_info(name, version)["tags"]
+    return {k[len(METRIC_TAG_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(METRIC_TAG_PREFIX)}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    candidate: float
+    champion: float | None
+
+
+def gate(
+    candidate_metrics: dict[str, float],
+    champion_metrics: dict[str, float] | None,
+    metric: str = "dice",
+    tolerance: float = 0.01,
+) -> GateDecision:
+    """Promote unless the candidate is worse than the champion by more than ``tolerance``.
+
+    The tolerance keeps retrains on fresh data (whose score wobbles) from being refused for noise.
+    """
+    if metric not in candidate_metrics:
+        raise RegistryError(f"gate metric {metric!r} missing from candidate metrics {sorted(candidate_metrics)}")
+    cand = float(candidate_metrics[metric])
+    if champion_metrics is None:
+        return GateDecision(True, f"no champion yet; candidate {metric}={cand:.4f} promoted", cand, None)
+    if metric not in champion_metrics:
+        raise RegistryError(f"gate metric {metric!r} missing from champion metrics {sorted(champion_metrics)}")
+    champ = float(champion_metrics[metric])
+    floor = champ - tolerance
+    if cand >= floor:
+        reason = f"candidate {metric}={cand:.4f} >= champion {champ:.4f} - tolerance {tolerance:.4f} = {floor:.4f}"
+        return GateDecision(True, reason, cand, champ)
+    reason = f"candidate {metric}={cand:.4f} < champion {champ:.4f} - tolerance {tolerance:.4f} = {floor:.4f}"
+    return GateDecision(False, reason, cand, champ)
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    model: str
+    alias: str
+    from_version: str | None
+    to_version: str
+    who: str
+    when: str
+    why: str
+    action: str
+
+
+_MOVE_FIELDS = ("model", "alias", "from_version", "to_version", "who", "when", "why", "action")
+
+
+def _history_experiment(name: str) -> str:
+    return f"{name}-alias-history"
+
+
+def _who() -> str:
+    return os.environ.get("LESIONFLOW_USER") or getpass.getuser()
+
+
+def _record(move: AliasMove) -> None:
+    client = _client()
+    exp_name = _history_experiment(move.model)
+    exp = client.get_experiment_by_name(exp_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        exp_name, tags={"mlflow.note.content": f"Append-only log of alias moves on model {move.model}."}
+    )
+    tags = {f: (getattr(move, f) or NONE) for f in _MOVE_FIELDS}
+    tags["mlflow.user"] = move.who
+    run = client.create_run(
+        exp_id, tags=tags, run_name=f"{move.action} {move.alias}: {move.from_version or NONE} -> {move.to_version}"
+    )
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def history(name: str, alias: str = CHAMPION) -> list[AliasMove]:
+    """Every recorded move of ``alias`` on ``name``, oldest first."""
+    client = _client()
+    exp = client.get_experiment_by_name(_history_experiment(name))
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.alias = '{alias}'", max_results=50000)
+    moves = []
+    for r in runs:
+        t = r.data.tags
+        values = {f: t.get(f, NONE) for f in _MOVE_FIELDS}
+        values["from_version"] = None if values["from_version"] == NONE else values["from_version"]
+        moves.append(AliasMove(**values))
+    # `when` has microseconds in one fixed format, so it sorts as text.
+    return sorted(moves, key=lambda m: m.when)
+
+
+def move_alias(name: str, alias: str, version: str, *, why: str, action: Action) -> AliasMove:
+    """Point ``alias`` at ``version`` after writing the move to the history (so no move goes unlogged)."""
+    if action not in ACTIONS:
+        raise RegistryError(f"alias action {action!r} must be one of {ACTIONS}")
+    version = str(version)
+    _check_version(name, version)
+    move = AliasMove(
+        model=name,
+        alias=alias,
+        from_version=_alias_version(name, alias),
+        to_version=version,
+        who=_who(),
+        when=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        why=why,
+        action=action,
+    )
+    _record(move)
+    _client().set_registered_model_alias(name, alias, version)
+    return move
+
+
+def _champion_stack(name: str) -> list[str]:
+    """Replay champion moves: promote/set push, rollback to X pops back to X (or pushes X if X was
+    never on the stack). The top is the champion; the entry below it is what a rollback restores."""
+    stack: list[str] = []
+    for m in history(name, CHAMPION):
+        if m.action == "rollback" and m.to_version in stack:
+            while stack[-1] != m.to_version:
+                stack.pop()
+        elif not stack or stack[-1] != m.to_version:
+            stack.append(m.to_version)
+    return stack
+
+
+def previous_champion(name: str) -> str:
+    """The version a plain rollback would restore."""
+    stack = _champion_stack(name)
+    if len(stack) < 2:
+        raise RegistryError("no earlier champion to roll back to")
+    return stack[-2]
+
+
+def rollback(name: str, to_version: str | None = None, why: str = "manual rollback") -> AliasMove:
+    """Move ``champion`` back to ``to_version``, or to the previous champion when None.
+
+    Refuses the implicit target when the alias was moved outside this module: the history would then
+    not describe what is being rolled back from.
+    """
+    if to_version is None:
+        stack = _champion_stack(name)
+        current = champion_version(name)
+        if stack and current != stack[-1]:
+            raise RegistryError(
+                f"champion of {name!r} is v{current} but its alias history ends at v{stack[-1]} "
+                f"(moved outside lesionflow); name the version to roll back to"
+            )
+        to_version = previous_champion(name)
+    return move_alias(name, CHAMPION, to_version, why=why, action="rollback")
+
+
+def load_model(name: str, ref: str, *, map_location: str | torch.device | None = "cpu") -> torch.nn.Module:
+    """The torch module of version ``ref`` (digits) or alias ``ref`` (e.g. ``champion``).
+
+    Loaded on CPU by default so a model trained on a GPU node still loads on a CPU-only server.
+    """
+    ref = str(ref)
+    if ref.isdigit():
+        _check_version(name, ref)
+        uri = f"models:/{name}/{ref}"
+    else:
+        if _alias_version(name, ref) is None:
+            try:
+                aliases = sorted(_client().get_registered_model(name).aliases)
+            except MlflowException:
+                raise RegistryError(f"no registered model named {name!r}") from None
+            raise RegistryError(
+                f"model {name!r} has no alias {ref!r}; existing aliases: {', '.join(aliases) or 'none'}"
+            )
+        uri = f"models:/{name}@{ref}"
+    return mlflow.pytorch.load_model(uri, map_location=map_location)

@@ -1,0 +1,51 @@
+"""Ingest step: source → canonical dataset → DVC version pushed to the remote."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from lesionflow.config import MetadataColumns, Params
+from lesionflow.data import synthetic
+from lesionflow.data.ingest import IngestReport, ingest
+from lesionflow.data.manifest import FINGERPRINT
+from lesionflow.versioning import DatasetVersion, version_dataset
+
+
+@dataclass
+class IngestOutcome:
+    report: IngestReport
+    version: DatasetVersion
+
+
+def build_dataset(params: Params, out_dir: Path) -> IngestReport:
+    """Write the canonical dataset; ``source: synthetic`` first renders the synthetic source
+    folder and then goes through exactly the same generic ingestion as user data."""
+    cfg = params.ingest
+    if cfg.source != "synthetic":
+        return ingest(cfg, out_dir, seed=params.seed, endpoint_url=params.runtime.s3_endpoint_url)
+    with tempfile.TemporaryDirectory(prefix="lesionflow-synthetic-") as tmp:
+        root = synthetic.make_synthetic_source(params.synthetic, Path(tmp), params.seed)
+        cfg = cfg.model_copy(update={
+            "source": str(root), "metadata_csv": synthetic.METADATA_CSV,
+            "columns": MetadataColumns(**synthetic.COLUMNS), "folder_fields": []})
+        return ingest(cfg, out_dir, seed=params.seed)
+
+
+def run(params: Params, out_dir: Path) -> IngestOutcome:
+    """Build, version and log; the DVC hash becomes the dataset's identity downstream."""
+    report = build_dataset(params, out_dir)
+    workdir = params.runtime.resolved_workdir()
+    version = version_dataset(out_dir, remote=params.runtime.remote(),
+                              endpoint_url=params.runtime.s3_endpoint_url,
+                              workspace=workdir / "dvc-workspace")
+    mlflow.set_tag("lesionflow.dataset_md5", version.md5)
+    mlflow.log_params({"ingest.source": params.ingest.source, "dvc.remote": version.remote})
+    mlflow.log_metrics({"n_records": report.n_records, "n_skipped": len(report.skipped)})
+    mlflow.log_dict(report.model_dump(mode="json"), "ingest_report.json")
+    mlflow.log_artifact(str(out_dir / FINGERPRINT))
+    mlflow.log_text(version.dvc_file, "dataset.dvc")
+    return IngestOutcome(report, version)

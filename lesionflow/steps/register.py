@@ -1,0 +1,49 @@
+"""Register step: log + register the candidate with lineage, then gate the champion alias."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+import lesionflow
+from lesionflow import registry
+from lesionflow.config import Params
+from lesionflow.models.segmenter import Segmenter
+from lesionflow.steps.evaluate import Evaluation
+
+
+@dataclass
+class RegisterOutcome:
+    version: str
+    promoted: bool
+    reason: str
+    champion: str | None
+
+
+def register(params: Params, model_path: Path, evaluation: Evaluation, dataset_md5: str,
+             pipeline_run_id: str) -> RegisterOutcome:
+    name = params.runtime.model_name
+    metric = params.registry.gate_metric
+    candidate = evaluation.candidate.table["overall"]
+    lineage = {
+        registry.TAG_DATASET_MD5: dataset_md5,
+        # the commit of the code that ran, not of whatever directory the step was started in
+        registry.TAG_GIT_COMMIT: registry.git_commit(Path(lesionflow.__file__).parent),
+        registry.TAG_PARAMS_HASH: params.digest(),
+        registry.TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        registry.TAG_PARENT_VERSION: evaluation.champion_version or "none",
+    }
+    metrics = {f"{evaluation.split}_{k}": v for k, v in candidate.items()}
+    version = registry.register_model(Segmenter.load(model_path), name=name, lineage=lineage,
+                                      metrics=metrics)
+    registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
+    decision = registry.gate(candidate, evaluation.champion.table["overall"] if evaluation.champion else None,
+                             metric=metric, tolerance=params.registry.tolerance)
+    if decision.promote:
+        registry.move_alias(name, "champion", version, why=decision.reason, action="promote")
+    mlflow.set_tags({"lesionflow.gate": "promoted" if decision.promote else "refused",
+                     "lesionflow.gate_reason": decision.reason})
+    return RegisterOutcome(version, decision.promote, decision.reason,
+                           registry.champion_version(name))

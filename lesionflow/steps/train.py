@@ -1,0 +1,57 @@
+"""Train step: the plain supervised baseline on the labelled train split of a canonical dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+
+from lesionflow.config import Params
+from lesionflow.data.manifest import read_fingerprint, read_manifest
+from lesionflow.models import build_model
+from lesionflow.models.segmenter import Segmenter
+from lesionflow.training import FitResult, SegmentationDataset, fit, labelled
+
+MODEL_FILE = "segmenter.pt"
+
+
+def new_segmenter(params: Params, dataset_dir: Path) -> Segmenter:
+    """An untrained model whose input normalisation comes from the dataset fingerprint."""
+    stats = read_fingerprint(dataset_dir)["intensity"]
+    mean, std = _per_model_channel(stats["mean"], params.model.in_channels), _per_model_channel(
+        stats["std"], params.model.in_channels)
+    # a constant dataset has std 0; 1 grey level keeps the division finite
+    return Segmenter(build_model(params.model), params.train.image_size, mean, [max(s, 1.0) for s in std])
+
+
+def _per_model_channel(values: list[float], channels: int) -> list[float]:
+    """Dataset channel statistics mapped the way ``to_channels`` maps the pixels."""
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return [sum(values) / len(values)]
+    raise ValueError(f"dataset has {len(values)} channels, model.in_channels is {channels}")
+
+
+def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
+    """Fit on ``train``, select on ``val``, save ``out_dir/segmenter.pt``; log to the active run."""
+    records = read_manifest(dataset_dir)
+    model = new_segmenter(params, dataset_dir)
+    train_set = SegmentationDataset(dataset_dir, labelled(records, "train"), model,
+                                    augment=params.train.augment, seed=params.seed)
+    val_set = SegmentationDataset(dataset_dir, labelled(records, "val"), model)
+    mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
+    mlflow.log_params({f"train.{k}": v for k, v in params.train.model_dump().items()})
+    mlflow.log_params({"n_train": len(train_set), "n_val": len(val_set)})
+
+    def log_epoch(row: dict) -> None:
+        mlflow.log_metrics({k: row[k] for k in ("train_loss", "val_dice", "lr")}, step=row["epoch"])
+
+    result = fit(model, train_set, val_set, params.train, seed=params.seed, on_epoch=log_epoch)
+    mlflow.log_metrics({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
+                        "train_seconds": result.seconds})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / MODEL_FILE)
+    return result

@@ -1,0 +1,72 @@
+"""MLflow runs: one parent run per pipeline run, one nested child run per step.
+
+KFP runs each step in its own process (and pod), so there is no shared Python object to hold the
+parent run; the parent is found by its ``lesionflow.pipeline_run_id`` tag or created by the first
+step that needs it. Reviewers then see each pipeline run as one expandable row in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from lesionflow.config import Params
+
+PIPELINE_RUN_TAG = "lesionflow.pipeline_run_id"
+STEP_TAG = "lesionflow.step"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def connect(params: Params) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id.
+
+    With the embedded SQLite store, artifacts go under the workdir rather than ``./mlruns`` of
+    whatever directory the step happens to run in."""
+    uri = params.runtime.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        params.runtime.resolved_workdir().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(params.runtime.experiment)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    elif uri.startswith("sqlite:///"):
+        location = (params.runtime.resolved_workdir() / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(params.runtime.experiment, artifact_location=location)
+    else:
+        experiment_id = client.create_experiment(params.runtime.experiment)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def parent_run_id(params: Params, pipeline_run_id: str) -> str:
+    experiment_id = connect(params)
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}' "
+                                       f"and tags.`{STEP_TAG}` = 'pipeline'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"pipeline {pipeline_run_id}",
+                            tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: "pipeline",
+                                  "lesionflow.params_hash": params.digest()})
+    return run.info.run_id
+
+
+@contextmanager
+def step_run(params: Params, step: str, pipeline_run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """A nested MLflow run for one step of one pipeline run (ended FAILED if the step raises)."""
+    parent = parent_run_id(params, pipeline_run_id)
+    with mlflow.start_run(run_name=step, parent_run_id=parent,
+                          tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: step}) as run:
+        yield run
+
+
+def finish_pipeline_run(params: Params, pipeline_run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(parent_run_id(params, pipeline_run_id), status=status)

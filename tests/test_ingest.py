@@ -1,0 +1,352 @@
+"""Ingestion from a local folder: layout, metadata, kinds, splits, determinism and every bad input.
+
+Sources are real files written to ``tmp_path``; each failure test also checks that nothing was
+left behind next to ``out_dir`` (the no-half-written-dataset guarantee).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesionflow.config import IngestConfig
+from lesionflow.data.ingest import REPORT, assign_splits, ingest
+from lesionflow.data.manifest import MANIFEST, read_fingerprint, read_manifest
+from lesionflow.errors import (
+    AreaRatioError,
+    DuplicateIdError,
+    EmptySourceError,
+    IngestError,
+    MaskSizeMismatchError,
+    MetadataError,
+    OrphanMaskError,
+    UnreadableImageError,
+)
+
+
+def write_pair(root: Path, rel: str, seed: int, size=(40, 32), mask: bool = True, mode: str = "RGB",
+               ext: str = ".png") -> None:
+    """A random image (distinct per seed) and a blob mask at images/<rel><ext>, masks/<rel>.png."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / "images" / f"{rel}{ext}")
+    if mask:
+        m = np.zeros((h, w), np.uint8)
+        m[h // 4: h // 2, w // 4: w // 2] = 255
+        (root / "masks" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m).save(root / "masks" / f"{rel}.png")
+
+
+def make_source(root: Path, n: int = 8) -> Path:
+    for i in range(n):
+        write_pair(root, f"img_{i:02d}", seed=i)
+    return root
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def cfg(src: Path, **kw) -> IngestConfig:
+    return IngestConfig(source=str(src), **kw)
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    (tmp_path / "outputs").mkdir()
+    return tmp_path / "outputs" / "dataset"
+
+
+def test_folder_becomes_a_complete_dataset(tmp_path, out):
+    src = make_source(tmp_path / "src", n=10)
+    write_pair(src, "gray", seed=99, mode="L")
+    Image.new("RGBA", (20, 16), (10, 20, 30, 128)).save(src / "images" / "rgba.png")
+    Image.new("P", (20, 16), 3).save(src / "images" / "anim.gif")
+    (src / "images" / "notes.txt").write_text("not an image: ignored")
+    report = ingest(cfg(src), out, seed=0)
+
+    records = read_manifest(out)
+    assert report.n_records == len(records) == 13
+    assert [r.id for r in records] == sorted(r.id for r in records)
+    by_id = {r.id: r for r in records}
+    assert by_id["gray"].channels == 1 and np.asarray(Image.open(out / "images/gray.png")).ndim == 2
+    rgba = by_id["rgba"]
+    assert rgba.channels == 3 and rgba.kind == "unlabelled" and rgba.mask is None
+    for r in records:
+        assert sha(out / r.image) == r.image_sha256
+        assert r.source == f"images/{r.id}.{'gif' if r.id == 'anim' else 'png'}"
+        if r.mask:
+            assert sha(out / r.mask) == r.mask_sha256
+            assert set(np.unique(np.asarray(Image.open(out / r.mask)))) <= {0, 255}
+    assert report.counts["split"] == read_fingerprint(out)["counts"]["split"]
+    assert {r.split for r in records} == {"train", "val", "test"}
+    assert json.loads((out / REPORT).read_text())["n_records"] == 13
+    assert "13 records" in report.summary()
+    assert listing(out.parent) == ["dataset"] + [f"dataset/{p}" for p in listing(out)]
+
+
+def test_same_input_and_seed_give_identical_bytes(tmp_path):
+    src = make_source(tmp_path / "src", n=20)
+    a = ingest(cfg(src), tmp_path / "a", seed=3)
+    ingest(cfg(src), tmp_path / "b", seed=3)
+    ingest(cfg(src), tmp_path / "c", seed=4)
+    for name in (MANIFEST, "fingerprint.json", REPORT):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert listing(tmp_path / "a") == listing(tmp_path / "b")
+    assert (tmp_path / "a" / MANIFEST).read_bytes() != (tmp_path / "c" / MANIFEST).read_bytes()
+    assert a.counts["split"] == {"test": 3, "train": 14, "val": 3}
+
+
+def test_existing_empty_out_dir_is_filled(tmp_path, out):
+    out.mkdir()
+    ingest(cfg(make_source(tmp_path / "src", n=4)), out, seed=0)
+    assert len(read_manifest(out)) == 4
+
+
+def test_resize_keeps_aspect_and_mask_alignment(tmp_path, out):
+    src = tmp_path / "src"
+    write_pair(src, "wide", seed=1, size=(100, 60))
+    ingest(cfg(src, max_side=32), out, seed=0)
+    (r,) = read_manifest(out)
+    assert (r.width, r.height) == (32, 19)
+    assert Image.open(out / r.mask).size == (32, 19)
+
+
+def test_folder_fields_give_lesion_type_and_group(tmp_path, out):
+    src = tmp_path / "src"
+    for i, t in enumerate(("benign", "malignant")):
+        for p in range(4):
+            for k in range(2):
+                write_pair(src, f"{t}/{t}_pat{p}/{t}_{p}_{k}", seed=100 * i + 10 * p + k)
+    report = ingest(cfg(src, folder_fields=["lesion_type", "group"]), out, seed=0)
+    records = read_manifest(out)
+    assert report.counts["lesion_type"] == {"benign": 8, "malignant": 8}
+    benign_groups = {r.group for r in records if r.lesion_type == "benign"}
+    assert benign_groups == {f"benign_pat{p}" for p in range(4)}
+    split_of_group = {}
+    for r in records:
+        assert split_of_group.setdefault(r.group, r.split) == r.split
+        assert r.source == f"images/{r.lesion_type}/{r.group}/{r.id}.png"
+
+
+def test_weak_labels_and_unlabelled(tmp_path, out):
+    src = make_source(tmp_path / "src", n=2)
+    write_pair(src, "weak_0", seed=10, mask=False)
+    write_pair(src, "weak_1", seed=11, mask=False)
+    write_pair(src, "plain", seed=12, mask=False)
+    write_csv(src / "meta.csv", [
+        {"id": "weak_0", "ratio": "0.25", "err": "0.05"},
+        {"id": "weak_1", "ratio": "0.1", "err": ""},
+        {"id": "img_00", "ratio": "0.2", "err": ""},
+    ])
+    ingest(cfg(src, metadata_csv="meta.csv",
+               columns={"id": "id", "area_ratio": "ratio", "area_error": "err"}), out, seed=0)
+    by_id = {r.id: r for r in read_manifest(out)}
+    weak = by_id["weak_0"]
+    assert (weak.kind, weak.area_ratio, weak.area_error) == ("weak", 0.25, 0.05)
+    assert by_id["weak_1"].kind == "weak" and by_id["weak_1"].area_error is None
+    assert by_id["weak_0"].mask is None and not (out / "masks/weak_0.png").exists()
+    assert by_id["img_00"].kind == "still" and by_id["img_00"].area_ratio == 0.2
+    assert by_id["plain"].kind == "unlabelled"
+
+
+def test_video_frames_with_key_frames(tmp_path, out):
+    src = tmp_path / "src"
+    rows = []
+    for v in range(3):
+        for t in range(5):
+            write_pair(src, f"v{v}_f{t}", seed=100 * v + t, mask=t in (0, 3))
+            frame = f"{t}.0" if v == 2 else t  # pandas writes int columns with gaps as floats
+            rows.append({"id": f"v{v}_f{t}", "video": f"vid{v}", "frame": frame,
+                         "key": "yes" if t == 0 else "0"})
+    write_pair(src, "still_a", seed=999)
+    rows.append({"id": "still_a", "video": "pat_a", "frame": "", "key": ""})
+    write_csv(src / "meta.csv", rows)
+    ingest(cfg(src, metadata_csv="meta.csv", columns={"id": "id", "group": "video", "frame": "frame",
+                                                       "key_frame": "key"}), out, seed=0)
+    by_id = {r.id: r for r in read_manifest(out)}
+    v1 = [by_id[f"v1_f{t}"] for t in range(5)]
+    assert all(r.kind == "video_frame" and r.group == "vid1" for r in v1)
+    assert [r.frame_index for r in v1] == list(range(5))
+    assert [r.key_frame for r in v1] == [True, False, False, False, False]
+    assert [r.mask is not None for r in v1] == [True, False, False, True, False]
+    assert len({r.split for r in v1}) == 1
+    assert [by_id[f"v2_f{t}"].frame_index for t in range(5)] == list(range(5))
+    assert by_id["still_a"].kind == "still" and by_id["still_a"].frame_index is None
+    assert {r.split for r in by_id.values()} == {"train", "val", "test"}
+
+
+def test_identical_pixels_merge_groups(tmp_path, out):
+    src = make_source(tmp_path / "src", n=12)
+    # same pixels, different files and formats: a PNG copy and a lossless TIFF
+    pixels = np.asarray(Image.open(src / "images/img_00.png"))
+    Image.fromarray(pixels).save(src / "images/copy_tif.tif")
+    Image.fromarray(pixels).save(src / "images/copy_png.png", compress_level=9)
+    # constant images are identical but say nothing about a patient: not merged
+    Image.new("L", (8, 8), 0).save(src / "images/black_1.png")
+    Image.new("L", (8, 8), 0).save(src / "images/black_2.png")
+    report = ingest(cfg(src), out, seed=0)
+    assert report.merged_groups == [["copy_png", "copy_tif", "img_00"]]
+    by_id = {r.id: r for r in read_manifest(out)}
+    assert {by_id[i].group for i in ("copy_png", "copy_tif", "img_00")} == {"copy_png"}
+    assert len({by_id[i].split for i in ("copy_png", "copy_tif", "img_00")}) == 1
+    assert by_id["black_1"].group != by_id["black_2"].group
+
+
+def test_splits_are_stratified_and_every_split_gets_a_group():
+    groups = {f"a{i}": (1, "a") for i in range(20)} | {f"b{i}": (1, "b") for i in range(10)}
+    split = assign_splits(groups, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+    for t, n in (("a", 20), ("b", 10)):
+        counts = [sum(1 for g, s in split.items() if g[0] == t and s == name)
+                  for name in ("train", "val", "test")]
+        assert counts == [int(n * 0.6), int(n * 0.2), int(n * 0.2)]
+    tiny = assign_splits({"x": (50, "t"), "y": (1, "t"), "z": (1, "t")},
+                         {"train": 0.9, "val": 0.05, "test": 0.05}, seed=0)
+    assert sorted(tiny.values()) == ["test", "train", "val"]
+    no_val = assign_splits({f"g{i}": (1, "t") for i in range(5)},
+                           {"train": 0.8, "val": 0.0, "test": 0.2}, seed=1)
+    assert "val" not in no_val.values()
+
+
+# --- bad input: raise mode names the file and leaves nothing behind --------------------------------
+
+
+def _bad_unreadable_image(src):
+    (src / "images/broken.png").write_bytes(b"this is not a png")
+    return UnreadableImageError, ["broken.png"], {}
+
+
+def _bad_unreadable_mask(src):
+    write_pair(src, "img_x", seed=50)
+    (src / "masks/img_x.png").write_bytes(b"\x89PNG truncated")
+    return UnreadableImageError, ["img_x.png"], {}
+
+
+def _bad_mask_size(src):
+    write_pair(src, "odd", seed=51)
+    Image.new("L", (10, 10), 255).save(src / "masks/odd.png")
+    return MaskSizeMismatchError, ["odd.png", "10x10"], {}
+
+
+def _bad_orphan_mask(src):
+    Image.new("L", (10, 10), 255).save(src / "masks/ghost.png")
+    return OrphanMaskError, ["ghost.png"], {}
+
+
+def _bad_duplicate_id(src):
+    write_pair(src, "a/twin", seed=52)
+    write_pair(src, "b/twin", seed=53, ext=".jpg")
+    return DuplicateIdError, ["a/twin.png", "b/twin.jpg"], {}
+
+
+def _bad_area_ratio(src):
+    write_pair(src, "weak", seed=54, mask=False)
+    write_csv(src / "meta.csv", [{"id": "weak", "ratio": "1.5"}])
+    return AreaRatioError, ["weak", "1.5"], {"metadata_csv": "meta.csv",
+                                             "columns": {"area_ratio": "ratio"}}
+
+
+def _bad_missing_column(src):
+    write_csv(src / "meta.csv", [{"id": "img_00", "kind": "x"}])
+    return MetadataError, ["'lesion'", "meta.csv"], {"metadata_csv": "meta.csv",
+                                                     "columns": {"lesion_type": "lesion"}}
+
+
+def _bad_unknown_ids(src):
+    write_csv(src / "meta.csv", [{"id": "img_00", "t": "a"}, {"id": "nobody", "t": "b"}])
+    return MetadataError, ["nobody", "meta.csv"], {"metadata_csv": "meta.csv",
+                                                   "columns": {"lesion_type": "t"}}
+
+
+BAD_INPUTS = [_bad_unreadable_image, _bad_unreadable_mask, _bad_mask_size, _bad_orphan_mask,
+              _bad_duplicate_id, _bad_area_ratio, _bad_missing_column, _bad_unknown_ids]
+
+
+@pytest.mark.parametrize("make_bad", BAD_INPUTS, ids=lambda f: f.__name__[5:])
+@pytest.mark.parametrize("out_exists", [False, True], ids=["absent", "empty"])
+def test_bad_input_raises_naming_it_and_writes_nothing(tmp_path, out, make_bad, out_exists):
+    src = make_source(tmp_path / "src", n=4)
+    error, names, extra = make_bad(src)
+    if out_exists:
+        out.mkdir()
+    before = listing(out.parent)
+    with pytest.raises(error) as info:
+        ingest(cfg(src, **extra), out, seed=0)
+    for name in names:
+        assert name in str(info.value)
+    assert listing(out.parent) == before
+
+
+def test_empty_source_raises(tmp_path, out):
+    (tmp_path / "src/images").mkdir(parents=True)
+    (tmp_path / "src/images/notes.txt").write_text("no images here")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(EmptySourceError, match="src"):
+            ingest(cfg(tmp_path / "src", on_error=on_error), out, seed=0)
+    with pytest.raises(EmptySourceError, match="missing"):
+        ingest(cfg(tmp_path / "missing"), out, seed=0)
+    assert listing(out.parent) == []
+
+
+def test_non_empty_out_dir_is_refused(tmp_path, out):
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(IngestError, match="dataset"):
+        ingest(cfg(make_source(tmp_path / "src", n=3)), out, seed=0)
+    assert listing(out.parent) == ["dataset", "dataset/keep.txt"]
+
+
+def test_skip_mode_reports_and_leaves_out_bad_records(tmp_path, out):
+    src = make_source(tmp_path / "src", n=6)
+    for make_bad in (_bad_unreadable_image, _bad_unreadable_mask, _bad_mask_size, _bad_orphan_mask,
+                     _bad_duplicate_id):
+        make_bad(src)
+    write_pair(src, "weak", seed=54, mask=False)
+    write_csv(src / "meta.csv", [{"id": "weak", "ratio": "-0.1"}])
+    report = ingest(cfg(src, on_error="skip", metadata_csv="meta.csv", columns={"area_ratio": "ratio"}),
+                    out, seed=0)
+    skipped = {s["path"]: s["reason"].split(":")[0] for s in report.skipped}
+    assert skipped == {
+        "images/broken.png": "UnreadableImageError",
+        "images/img_x.png": "UnreadableImageError",
+        "images/odd.png": "MaskSizeMismatchError",
+        "masks/ghost.png": "OrphanMaskError",
+        "images/b/twin.jpg": "DuplicateIdError",
+        "images/weak.png": "AreaRatioError",
+    }
+    ids = {r.id for r in read_manifest(out)}
+    assert ids == {f"img_{i:02d}" for i in range(6)} | {"twin"}
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in ids)
+    assert "skipped 6 files" in report.summary()
+    assert json.loads((out / REPORT).read_text())["skipped"] == report.skipped
+
+
+def test_masks_next_to_images_with_suffix(tmp_path, out):
+    src = tmp_path / "src"
+    for i in range(3):
+        write_pair(src, f"case{i}", seed=i)
+        (src / "masks" / f"case{i}.png").rename(src / "images" / f"case{i}_mask.png")
+    report = ingest(cfg(src, masks_dir="images", mask_suffix="_mask"), out, seed=0)
+    assert report.counts["kind"] == {"still": 3}
+    assert {r.id for r in read_manifest(out)} == {"case0", "case1", "case2"}
+    with pytest.raises(IngestError, match="mask_suffix"):
+        ingest(cfg(src, masks_dir="images"), out.parent / "other", seed=0)

@@ -1,0 +1,194 @@
+"""Format readers through the real ingest path: DICOM (with de-identification), 16-bit TIFF,
+NIfTI and NRRD volumes, and the mask encodings users actually have (RGB, palette, RGBA)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import nibabel
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from lesionflow.config import IngestConfig
+from lesionflow.data.ingest import ingest
+from lesionflow.data.io import deidentify, read_dicom, read_image, read_mask, read_volume
+from lesionflow.data.manifest import read_manifest
+from lesionflow.errors import MaskSizeMismatchError, UnreadableImageError
+
+PATIENT_ID = "12345"
+
+
+def write_dicom(path: Path, pixels: np.ndarray, patient_id: str = PATIENT_ID) -> None:
+    """A minimal but valid 16-bit CT-like DICOM carrying the usual identifiers."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.PatientAge = "055Y"
+    ds.PatientAddress = "1 Doe Street"
+    ds.OtherPatientIDs = "MRN-12345"
+    ds.InstitutionName = "Doe Memorial Hospital"
+    ds.ReferringPhysicianName = "Smith^John"
+    ds.AccessionNumber = "A12345"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope = 1
+    ds.RescaleIntercept = -1024
+    ds.WindowCenter = 40
+    ds.WindowWidth = 400
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    block = ds.private_block(0x0011, "ACME Scanner", create=True)
+    block.add_new(0x01, "LO", "Doe^Jane 12345")
+    ds.save_as(path, enforce_file_format=True)
+
+
+def ct_pixels(seed: int, shape=(24, 32)) -> np.ndarray:
+    """Stored values such that HU = value - 1024 spans far beyond the [-160, 240] window."""
+    return np.random.default_rng(seed).integers(0, 2400, shape).astype(np.uint16)
+
+
+def blob_mask(shape) -> np.ndarray:
+    m = np.zeros(shape, np.uint8)
+    m[shape[0] // 4: shape[0] // 2, shape[1] // 4: shape[1] // 2] = 255
+    return m
+
+
+def test_dicom_is_windowed_and_deidentified(tmp_path):
+    path = tmp_path / "x.dcm"
+    pixels = ct_pixels(0)
+    write_dicom(path, pixels)
+    image, pseudonym = read_dicom(path)
+    hu = pixels.astype(np.int32) - 1024
+    assert image.dtype == np.uint8 and image.shape == pixels.shape
+    assert (image[hu <= -160] == 0).all() and (image[hu >= 240] == 255).all()
+    assert pseudonym == "p-" + hashlib.sha256(PATIENT_ID.encode()).hexdigest()[:12]
+    assert np.array_equal(read_image(path), image)
+
+    ds = deidentify(pydicom.dcmread(path))
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                    "PatientAddress", "OtherPatientIDs", "InstitutionName", "ReferringPhysicianName",
+                    "AccessionNumber"):
+        assert keyword not in ds
+    assert not any(elem.tag.is_private for elem in ds)
+    assert ds.Modality == "CT"
+
+
+def test_dicom_ingest_leaks_no_identifier(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i in range(2):
+        write_dicom(src / "images" / f"scan{i}.dcm", ct_pixels(i))
+        Image.fromarray(blob_mask((24, 32))).save(src / "masks" / f"scan{i}.png")
+    write_dicom(src / "images" / "other.dcm", ct_pixels(9), patient_id="99999")
+    ingest(IngestConfig(source=str(src)), out, seed=0)
+
+    by_id = {r.id: r for r in read_manifest(out)}
+    expected = "p-" + hashlib.sha256(PATIENT_ID.encode()).hexdigest()[:12]
+    assert by_id["scan0"].group == by_id["scan1"].group == expected
+    assert by_id["other"].group.startswith("p-") and by_id["other"].group != expected
+    assert by_id["scan0"].kind == "still" and by_id["other"].kind == "unlabelled"
+    assert by_id["scan0"].split == by_id["scan1"].split
+    for f in out.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert b"Doe" not in data and PATIENT_ID.encode() not in data, f
+
+
+def test_16bit_tiff_is_scaled_to_8bit(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    ramp = np.linspace(1000, 5000, 20 * 30).reshape(20, 30).astype(np.uint16)
+    tifffile.imwrite(src / "images" / "ramp.tif", ramp)
+    tifffile.imwrite(src / "masks" / "ramp.tiff", (blob_mask((20, 30)) > 0).astype(np.uint16) * 7)
+    ingest(IngestConfig(source=str(src)), out, seed=0)
+    (r,) = read_manifest(out)
+    image = np.asarray(Image.open(out / r.image))
+    assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
+    assert (r.height, r.width, r.channels) == (20, 30, 1)
+    assert (np.asarray(Image.open(out / r.mask)) > 0).sum() == (blob_mask((20, 30)) > 0).sum()
+
+
+def _volumes(shape=(16, 12, 5)) -> tuple[np.ndarray, np.ndarray]:
+    image = np.random.default_rng(0).normal(100, 30, shape).astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[4:8, 3:6, 1:4] = 1
+    return image, mask
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "nrrd"])
+def test_volumes_become_slice_records(tmp_path, fmt):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    image, mask = _volumes()
+    if fmt == "nifti":
+        nibabel.save(nibabel.Nifti1Image(image, np.eye(4)), src / "images" / "ct.nii.gz")
+        nibabel.save(nibabel.Nifti1Image(mask, np.eye(4)), src / "masks" / "ct.nii")
+    else:
+        nrrd.write(str(src / "images" / "ct.nrrd"), image)
+        nrrd.write(str(src / "masks" / "ct.nrrd"), mask)
+    (volume_file,) = (src / "images").iterdir()
+    assert read_volume(volume_file).shape == (16, 12, 5)
+
+    ingest(IngestConfig(source=str(src), volume_slice_axis=2), out, seed=0)
+    records = read_manifest(out)
+    assert [r.id for r in records] == [f"ct_s{k:03d}" for k in range(5)]
+    assert {(r.group, r.height, r.width, r.kind) for r in records} == {("ct", 16, 12, "still")}
+    assert len({r.split for r in records}) == 1
+    areas = [int((np.asarray(Image.open(out / r.mask)) > 0).sum()) for r in records]
+    assert areas == [0, 12, 12, 12, 0]
+
+    ingest(IngestConfig(source=str(src), volume_slice_axis=0), tmp_path / "out0", seed=0)
+    records = read_manifest(tmp_path / "out0")
+    assert len(records) == 16 and (records[0].height, records[0].width) == (12, 5)
+
+
+def test_volume_mask_shape_mismatch_is_named(tmp_path):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    image, mask = _volumes()
+    nrrd.write(str(src / "images" / "ct.nrrd"), image)
+    nrrd.write(str(src / "masks" / "ct.nrrd"), mask[:, :, :4])
+    with pytest.raises(MaskSizeMismatchError, match="ct.nrrd"):
+        ingest(IngestConfig(source=str(src)), tmp_path / "out", seed=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mask_encodings(tmp_path):
+    lesion = blob_mask((10, 12)) > 0
+    rgb = np.zeros((10, 12, 3), np.uint8)
+    rgb[..., 1] = lesion * 200  # lesion drawn in green only
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    pal = Image.fromarray(lesion.astype(np.uint8)).convert("P")
+    pal.putpalette([0, 0, 0, 255, 0, 0])
+    pal.save(tmp_path / "pal.png")
+    rgba = np.dstack([rgb, np.full((10, 12), 255, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    for name in ("rgb.png", "pal.png", "rgba.png"):
+        assert np.array_equal(read_mask(tmp_path / name), lesion), name
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(UnreadableImageError, match="junk.jpg"):
+        read_mask(tmp_path / "junk.jpg")

@@ -1,0 +1,257 @@
+"""Registry: lineage on versions, the gate, alias history in the tracking server, rollback, loading.
+
+Most tests share one temporary `sqlite:///` store (each with its own model name); one test runs the
+whole story against a real `mlflow server` over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from lesionflow import registry as reg
+from lesionflow.errors import RegistryError
+from lesionflow.models.unet import UNet
+
+LINEAGE = {
+    reg.TAG_DATASET_MD5: "d41d8cd98f00b204e9800998ecf8427e",
+    reg.TAG_PARAMS_HASH: "p-123",
+    reg.TAG_PIPELINE_RUN_ID: "kfp-run-1",
+}
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@contextmanager
+def tracking_uri(uri: str):
+    """Point MLflow at ``uri`` and put back whatever was configured before."""
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite tracking store and an experiment whose artifacts stay under tmp; yields its id."""
+    root = tmp_path_factory.mktemp("registry")
+    with tracking_uri(f"sqlite:///{root / 'mlflow.db'}"):
+        yield MlflowClient().create_experiment("train", artifact_location=(root / "artifacts").as_uri())
+
+
+@pytest.fixture
+def name(store, request):
+    return "lesion-" + request.node.name.replace("_", "-")
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return UNet(3, 4, 1).eval()
+
+
+def register(exp_id: str, name: str, seed: int, dice: float, **lineage: str) -> tuple[str, torch.nn.Module]:
+    model = make_model(seed)
+    with mlflow.start_run(experiment_id=exp_id):
+        version = reg.register_model(model, name=name, lineage={**LINEAGE, **lineage}, metrics={"dice": dice})
+    return version, model
+
+
+def test_git_commit_prefers_checkout_then_image_env(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv("LESIONFLOW_GIT_SHA", "baked-sha")
+    assert reg.git_commit(repo) == head
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    assert reg.git_commit(outside) == "baked-sha"
+    monkeypatch.delenv("LESIONFLOW_GIT_SHA")
+    assert reg.git_commit(outside) == "unknown"
+
+
+def test_gate_thresholds_and_reasons():
+    first = reg.gate({"dice": 0.6}, None)
+    assert first.promote and first.champion is None and "0.6000" in first.reason
+    # exactly at champion - tolerance is still promoted (binary-exact numbers, no float fuzz)
+    edge = reg.gate({"dice": 0.5}, {"dice": 0.75}, tolerance=0.25)
+    assert edge.promote and (edge.candidate, edge.champion) == (0.5, 0.75)
+    worse = reg.gate({"dice": 0.70}, {"dice": 0.80}, tolerance=0.05)
+    assert not worse.promote
+    assert "0.7000" in worse.reason and "0.8000" in worse.reason and "0.0500" in worse.reason
+    assert reg.gate({"iou": 0.9}, {"iou": 0.5}, metric="iou").promote
+    with pytest.raises(RegistryError, match="'dice' missing from candidate"):
+        reg.gate({"iou": 0.9}, None)
+    with pytest.raises(RegistryError, match="'dice' missing from champion"):
+        reg.gate({"dice": 0.9}, {"iou": 0.5})
+
+
+def test_register_records_lineage_metrics_and_parent(store, name, monkeypatch):
+    monkeypatch.setenv("LESIONFLOW_GIT_SHA", "abc123")
+    monkeypatch.chdir("/")  # not a checkout: the image's SHA is used
+    v1, _ = register(store, name, seed=1, dice=0.7)
+    assert v1 == "1"
+    info = reg.version_info(name, v1)
+    assert info["tags"][reg.TAG_PARENT_VERSION] == "none"
+    assert info["tags"][reg.TAG_GIT_COMMIT] == "abc123"
+    assert info["tags"][reg.TAG_DATASET_MD5] == LINEAGE[reg.TAG_DATASET_MD5]
+    assert reg.version_metrics(name, v1) == {"dice": 0.7}
+    run_tags = MlflowClient().get_run(info["run_id"]).data.tags
+    assert run_tags[reg.TAG_PIPELINE_RUN_ID] == "kfp-run-1" and float(run_tags[reg.METRIC_TAG_PREFIX + "dice"]) == 0.7
+
+    reg.move_alias(name, "champion", v1, why="first", action="promote")
+    v2, _ = register(store, name, seed=2, dice=0.8, **{reg.TAG_GIT_COMMIT: "explicit"})
+    info2 = reg.version_info(name, v2)
+    assert info2["tags"][reg.TAG_PARENT_VERSION] == "1"
+    assert info2["tags"][reg.TAG_GIT_COMMIT] == "explicit"
+    assert reg.version_info(name, v1)["aliases"] == ["champion"] and info2["aliases"] == []
+
+
+def test_register_refuses_without_run_or_lineage(store, name):
+    with pytest.raises(RegistryError, match="active MLflow run"):
+        reg.register_model(make_model(0), name=name, lineage=LINEAGE, metrics={})
+    with mlflow.start_run(experiment_id=store):
+        partial = {k: v for k, v in LINEAGE.items() if k != reg.TAG_PARAMS_HASH}
+        with pytest.raises(RegistryError, match=reg.TAG_PARAMS_HASH):
+            reg.register_model(make_model(0), name=name, lineage=partial, metrics={})
+        with pytest.raises(RegistryError, match="lesionflow.typo"):
+            reg.register_model(make_model(0), name=name, lineage={**LINEAGE, "lesionflow.typo": "x"}, metrics={})
+    assert reg._versions(name) == []
+
+
+def test_history_rollback_stack(store, name, monkeypatch):
+    versions = [register(store, name, seed=s, dice=0.5 + s / 10)[0] for s in (1, 2, 3)]
+    monkeypatch.setenv("LESIONFLOW_USER", "alice")
+    for v in versions:
+        reg.move_alias(name, "champion", v, why=f"gate passed v{v}", action="promote")
+    reg.move_alias(name, "challenger", "1", why="shadow test", action="set")  # other aliases don't count
+    assert reg.champion_version(name) == "3" and reg.previous_champion(name) == "2"
+
+    back = reg.rollback(name, why="v3 drifts")
+    assert (back.from_version, back.to_version, back.action) == ("3", "2", "rollback")
+    assert reg.rollback(name).to_version == "1"  # twice from v3 lands on v1
+    assert reg.champion_version(name) == "1"
+    with pytest.raises(RegistryError, match="no earlier champion to roll back to"):
+        reg.rollback(name)
+
+    hist = reg.history(name)
+    assert [(m.action, m.from_version, m.to_version) for m in hist] == [
+        ("promote", None, "1"), ("promote", "1", "2"), ("promote", "2", "3"),
+        ("rollback", "3", "2"), ("rollback", "2", "1"),
+    ]
+    assert hist[0].why == "gate passed v1" and hist[3].why == "v3 drifts"
+    assert {m.who for m in hist} == {"alice"} and {m.model for m in hist} == {name}
+    now = datetime.now(timezone.utc)
+    assert all(now - timedelta(minutes=5) < datetime.fromisoformat(m.when) <= now for m in hist)
+    assert [(m.alias, m.to_version) for m in reg.history(name, "challenger")] == [("challenger", "1")]
+
+
+def test_rollback_to_named_version_and_undo(store, name):
+    for s in (1, 2, 3):
+        v, _ = register(store, name, seed=s, dice=0.5)
+        reg.move_alias(name, "champion", v, why="promote", action="promote")
+    assert reg.rollback(name, "1", why="back to the first").to_version == "1"
+    # the stack is now [1]: there is nothing older than v1
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        reg.previous_champion(name)
+    v4, _ = register(store, name, seed=4, dice=0.5)
+    # rolling "back" to a version never champion pushes it, so a plain rollback undoes that
+    reg.rollback(name, v4)
+    assert reg.previous_champion(name) == "1"
+    assert reg.rollback(name).to_version == "1"
+
+
+def test_rollback_refuses_when_alias_moved_outside(store, name):
+    for s in (1, 2):
+        v, _ = register(store, name, seed=s, dice=0.5)
+        reg.move_alias(name, "champion", v, why="promote", action="promote")
+    MlflowClient().set_registered_model_alias(name, "champion", "1")  # behind the registry's back
+    with pytest.raises(RegistryError, match="moved outside"):
+        reg.rollback(name)
+    assert reg.rollback(name, "2").to_version == "2"
+
+
+def test_unknown_versions_and_aliases_are_named(store, name):
+    register(store, name, seed=1, dice=0.5)
+    register(store, name, seed=2, dice=0.5)
+    with pytest.raises(RegistryError, match=r"no version '7'; existing versions: 1, 2"):
+        reg.move_alias(name, "champion", "7", why="typo", action="promote")
+    assert reg.history(name) == [] and reg.champion_version(name) is None
+    with pytest.raises(RegistryError, match=r"no version '9'"):
+        reg.load_model(name, "9")
+    with pytest.raises(RegistryError, match=r"no alias 'champion'; existing aliases: none"):
+        reg.load_model(name, "champion")
+    with pytest.raises(RegistryError, match="no registered model named 'ghost'"):
+        reg.load_model("ghost", "champion")
+    with pytest.raises(RegistryError, match="must be one of"):
+        reg.move_alias(name, "champion", "1", why="x", action="demote")
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        reg.rollback(name)
+
+
+@pytest.mark.slow
+def test_end_to_end_over_http(mlflow_server, monkeypatch):
+    """The whole story on a real tracking server: register, gate, promote, history, rollback, load."""
+    monkeypatch.setenv("LESIONFLOW_USER", "ci-bot")
+    name = "lesion-e2e"
+    with tracking_uri(mlflow_server):
+        exp_id = MlflowClient().create_experiment("e2e-train")
+        logged: dict[str, torch.nn.Module] = {}
+        dices = {"1": 0.70, "2": 0.75, "3": 0.745}
+        for seed, dice in enumerate(dices.values(), start=1):
+            champ = reg.champion_version(name)
+            decision = reg.gate({"dice": dice}, champ and reg.version_metrics(name, champ))
+            version, model = register(exp_id, name, seed=seed, dice=dice, **{reg.TAG_PIPELINE_RUN_ID: f"run-{seed}"})
+            logged[version] = model
+            assert decision.promote  # v3 is 0.005 worse: within the default tolerance 0.01
+            reg.move_alias(name, "champion", version, why=decision.reason, action="promote")
+        assert [reg.version_info(name, v)["tags"][reg.TAG_PARENT_VERSION] for v in "123"] == ["none", "1", "2"]
+        assert reg.version_info(name, "3")["tags"][reg.TAG_PIPELINE_RUN_ID] == "run-3"
+
+        # a candidate beyond tolerance is refused and the champion stays put
+        refused = reg.gate({"dice": 0.70}, reg.version_metrics(name, reg.champion_version(name)))
+        assert not refused.promote and "0.7000 < champion 0.7450" in refused.reason
+        assert reg.champion_version(name) == "3"
+
+        # every version loads by number and gives the outputs of the module that was logged
+        with torch.no_grad():
+            outputs = {v: m(X) for v, m in logged.items()}
+            for v in logged:
+                assert torch.equal(reg.load_model(name, v)(X), outputs[v])
+            assert not torch.equal(outputs["1"], outputs["2"])
+            assert torch.equal(reg.load_model(name, "champion")(X), outputs["3"])
+
+            assert reg.rollback(name, why="incident 42").to_version == "2"
+            assert torch.equal(reg.load_model(name, "champion")(X), outputs["2"])
+            assert reg.rollback(name).to_version == "1"
+            assert torch.equal(reg.load_model(name, "champion")(X), outputs["1"])
+            assert reg.rollback(name, "3", why="fixed upstream").to_version == "3"
+            assert torch.equal(reg.load_model(name, "champion")(X), outputs["3"])
+
+        hist = reg.history(name)
+        assert [(m.action, m.from_version, m.to_version) for m in hist] == [
+            ("promote", None, "1"), ("promote", "1", "2"), ("promote", "2", "3"),
+            ("rollback", "3", "2"), ("rollback", "2", "1"), ("rollback", "1", "3"),
+        ]
+        assert all(m.who == "ci-bot" and m.when for m in hist)
+        assert hist[3].why == "incident 42" and "0.7450 >= champion 0.7500" in hist[2].why
+        # the history is ordinary finished runs in the tracking server, visible in its UI
+        exp = MlflowClient().get_experiment_by_name(f"{name}-alias-history")
+        runs = MlflowClient().search_runs([exp.experiment_id])
+        assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+
+        with pytest.raises(RegistryError, match="existing versions: 1, 2, 3"):
+            reg.load_model(name, "4")
+        with pytest.raises(RegistryError, match="existing aliases: champion"):
+            reg.load_model(name, "champoin")
