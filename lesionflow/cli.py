@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -80,6 +79,31 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a registered version on the data ``ingest`` describes, e.g. a model trained on one
+    dataset against all of another (cross-dataset generalisation)."""
+    import tempfile
+
+    from lesionflow import registry
+    from lesionflow.data.manifest import read_manifest
+    from lesionflow.steps.evaluate import score_model, select
+    from lesionflow.steps.ingest import build_dataset
+
+    params = _registry_params(args)
+    model = registry.load_model(params.runtime.model_name, args.model)
+    with tempfile.TemporaryDirectory(prefix="lesionflow-eval-") as tmp:
+        dataset = Path(tmp) / "dataset"
+        build_dataset(params, dataset)
+        records = select(read_manifest(dataset), args.split)
+        score = score_model(model, dataset, records, params.evaluate.threshold)
+    print(f"{params.runtime.model_name} {args.model} on {params.ingest.source} ({args.split}):")
+    for name, row in score.table.items():
+        print(f"  {name:<12} n={row['n']:<5} dice {row['dice']:.3f}  iou {row['iou']:.3f}  "
+              f"hd95 {row['hd95']:.1f}px")
+    print(f"  {score.fps:.1f} frames/s")
+    return 0
+
+
 def _registry_params(args: argparse.Namespace) -> config.Params:
     from lesionflow import tracking
 
@@ -134,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
     p = add("ingest", cmd_ingest, "build the canonical dataset only (used by dvc.yaml)")
     p.add_argument("--out", required=True)
+    p.add_argument("--source", help="shortcut for --set ingest.source=…")
+    p = add("evaluate", cmd_evaluate, "score a registered model version on a dataset")
+    p.add_argument("--model", default="champion", help="version number or alias (default: champion)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
     p = add("history", cmd_history, "show the append-only alias history")
     p.add_argument("--alias", default="champion")

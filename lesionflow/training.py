@@ -15,13 +15,13 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from lesionflow.config import TrainConfig
 from lesionflow.data.manifest import Record
 from lesionflow.data.transforms import load_image, load_mask, resize_mask
 from lesionflow.losses import dice_bce_loss
 from lesionflow.models.segmenter import Segmenter
+from lesionflow.progress import progress
 
 LABELLED_KINDS = {"still", "video_frame", "correction", "pseudo_label", "synthetic_video"}
 
@@ -41,7 +41,7 @@ class SegmentationDataset(Dataset):
             raise ValueError("no labelled records to train or validate on")
         size = model.image_size
         self.images = np.stack([model.prepare(load_image(dataset_dir, r))
-                                for r in tqdm(records, desc="loading", leave=False)])
+                                for r in progress(records, "loading")])
         self.masks = np.stack([resize_mask(load_mask(dataset_dir, r), size)[None] for r in records])
         self.weights = np.asarray(sample_weights or [1.0] * len(records), dtype=np.float32)
         self.augment = augment
@@ -116,7 +116,7 @@ def fit(model: Segmenter, train: SegmentationDataset, val: SegmentationDataset, 
     for epoch in range(cfg.epochs):
         model.train()
         losses = []
-        for image, mask, weight in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
+        for image, mask, weight in progress(loader, f"epoch {epoch + 1}/{cfg.epochs}"):
             loss = dice_bce_loss(model(image.to(device)), mask.to(device),
                                  dice_weight=cfg.dice_weight, bce_weight=cfg.bce_weight,
                                  sample_weight=weight.to(device))

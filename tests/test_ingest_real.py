@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
+from conftest import shared_dataset
 from PIL import Image
 
-from conftest import shared_dataset
 from lesionflow.config import IngestConfig
 from lesionflow.data.ingest import ingest
 from lesionflow.data.manifest import read_fingerprint, read_manifest

@@ -3,7 +3,6 @@ end to end with kfp.local (real subprocess tasks, SQLite MLflow, DVC with a loca
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

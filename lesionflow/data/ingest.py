@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel
-from tqdm import tqdm
 
 from lesionflow.config import IngestConfig
 from lesionflow.data.fingerprint import compute_fingerprint
@@ -59,6 +58,7 @@ from lesionflow.errors import (
     MetadataError,
     OrphanMaskError,
 )
+from lesionflow.progress import progress
 
 REPORT = "ingest_report.json"
 SPLITS = ("train", "val", "test")
@@ -403,8 +403,7 @@ def _convert_all(items: list[_Item], out: Path, cfg: IngestConfig, problems: _Pr
     pool = ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2))
     try:
         outputs = pool.map(lambda it: _convert(it, out, cfg.max_side, cfg.volume_slice_axis), items)
-        for item, output in tqdm(zip(items, outputs), total=len(items), desc="ingest",
-                                 unit="file", disable=None):
+        for item, output in progress(zip(items, outputs), "ingest", total=len(items)):
             if isinstance(output, IngestError):
                 problems.report(output, item.path)
             else:

@@ -83,10 +83,17 @@ def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.
     return np.concatenate([rgb, gap, tint(truth, (0, 255, 0)), gap, tint(pred, (255, 0, 0))], axis=1)
 
 
+def select(records: list[Record], split: str) -> list[Record]:
+    """Labelled records of one split, or of every split with ``split="all"`` (cross-dataset use)."""
+    if split == "all":
+        return [r for s in ("train", "val", "test") for r in labelled(records, s)]
+    return labelled(records, split)
+
+
 def evaluate(params: Params, dataset_dir: Path, model_path: Path, out_dir: Path,
              split: str = "test") -> Evaluation:
     """Score the candidate (and the champion, if any) on ``split``; log tables and overlays."""
-    records = labelled(read_manifest(dataset_dir), split)
+    records = select(read_manifest(dataset_dir), split)
     if not records:
         raise ValueError(f"no labelled records in the {split!r} split of {dataset_dir}")
     cfg = params.evaluate
@@ -98,7 +105,8 @@ def evaluate(params: Params, dataset_dir: Path, model_path: Path, out_dir: Path,
         try:
             champion_model = registry.load_model(params.runtime.model_name, champion_version)
         except RegistryError as err:
-            raise RegistryError(f"champion v{champion_version} could not be loaded for comparison: {err}")
+            raise RegistryError(
+                f"champion v{champion_version} could not be loaded for comparison: {err}") from err
         champion = score_model(champion_model, dataset_dir, records, cfg.threshold)
     result = Evaluation(split, candidate, champion, champion_version)
 
