@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
-from conftest import shared_dataset
+from tests.conftest import shared_dataset
 from PIL import Image
 
 from lesionflow.config import IngestConfig

@@ -35,6 +35,26 @@ def _per_model_channel(values: list[float], channels: int) -> list[float]:
     raise ValueError(f"dataset has {len(values)} channels, model.in_channels is {channels}")
 
 
+def learning_curves(result: FitResult):
+    """Train loss and validation Dice per epoch, best epoch marked: the picture reviewers check
+    first when comparing runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # pipeline steps have no display
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] + 1 for row in result.history]
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    loss_ax, dice_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [row["train_loss"] for row in result.history], marker=".")
+    loss_ax.set(xlabel="epoch", ylabel="train loss (Dice + BCE)")
+    dice_ax.plot(epochs, [row["val_dice"] for row in result.history], marker=".", color="tab:green")
+    dice_ax.axvline(result.best_epoch + 1, color="grey", linestyle=":", label="kept weights")
+    dice_ax.set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1))
+    dice_ax.legend(loc="lower right")
+    return fig
+
+
 def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
     """Fit on ``train``, select on ``val``, save ``out_dir/segmenter.pt``; log to the active run."""
     records = read_manifest(dataset_dir)
@@ -52,6 +72,7 @@ def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
     result = fit(model, train_set, val_set, params.train, seed=params.seed, on_epoch=log_epoch)
     mlflow.log_metrics({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
                         "train_seconds": result.seconds})
+    mlflow.log_figure(learning_curves(result), "learning_curves.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(out_dir / MODEL_FILE)
     return result
