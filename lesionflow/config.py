@@ -117,6 +117,42 @@ class TrainConfig(_Section):
     max_minutes: float | None = Field(None, gt=0)
 
 
+class PseudoLabelConfig(_Section):
+    """Champion pseudo-labels and their split into good / bad task data (MISSION section 2)."""
+
+    model: str = "champion"  # alias or version number of the labelling model
+    scorer: Literal["tta", "dice"] = "tta"  # tta: agreement under flips/rotations, no truth needed
+    threshold: float | None = Field(0.8, gt=0, lt=1)  # score >= threshold → good task data
+    quantile: float | None = Field(None, gt=0, lt=1)  # or: the top (1 - quantile) share is good
+    hide_masks_fraction: float = Field(0.0, ge=0, lt=1)  # experiments: unlabel part of train
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "PseudoLabelConfig":
+        if (self.threshold is None) == (self.quantile is None):
+            raise ValueError("set exactly one of threshold or quantile")
+        return self
+
+
+class MetaTrainConfig(_Section):
+    """MAML-style meta-training over good/bad task data (MISSION section 3)."""
+
+    enabled: bool = True  # false: the plain supervised baseline trains instead
+    task_by: Literal["lesion_type", "source", "group"] = "lesion_type"
+    outer_steps: int = Field(60, ge=1)
+    inner_steps: int = Field(1, ge=1)
+    inner_lr: float = Field(0.01, gt=0)
+    outer_lr: float = Field(2e-3, gt=0)
+    order: Literal["first", "second"] = "first"
+    support_size: int = Field(8, ge=1)
+    query_size: int = Field(8, ge=1)
+    bad_fraction: float = Field(0.25, ge=0, le=1)  # share of bad task data in each batch
+    query_from: Literal["same_task", "other_task"] = "same_task"
+    task_order: Literal["random", "ascending"] = "ascending"  # ascending: worst task first
+    rerank_every: int = Field(20, ge=1)
+    per_lesion_type: bool = False
+    correction_weight: float = Field(3.0, gt=0)
+
+
 class EvaluateConfig(_Section):
     threshold: float = Field(0.5, gt=0, lt=1)
     n_overlays: int = Field(8, ge=0)
@@ -136,6 +172,8 @@ class Params(_Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
+    meta_train: MetaTrainConfig = MetaTrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
 

@@ -30,8 +30,12 @@ TAG_GIT_COMMIT = "lesionflow.git_commit"
 TAG_PARAMS_HASH = "lesionflow.params_hash"
 TAG_PIPELINE_RUN_ID = "lesionflow.pipeline_run_id"
 TAG_PARENT_VERSION = "lesionflow.parent_version"
+# set when training used pseudo-labels: the labelled dataset and the model that labelled it
+TAG_PSEUDO_DATASET_MD5 = "lesionflow.pseudo_dataset_md5"
+TAG_LABELLER_VERSION = "lesionflow.labeller_version"
 METRIC_TAG_PREFIX = "lesionflow.metric."
-LINEAGE_KEYS = (TAG_DATASET_MD5, TAG_GIT_COMMIT, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID, TAG_PARENT_VERSION)
+LINEAGE_KEYS = (TAG_DATASET_MD5, TAG_GIT_COMMIT, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID, TAG_PARENT_VERSION,
+                TAG_PSEUDO_DATASET_MD5, TAG_LABELLER_VERSION)
 # The caller must know these; git commit and parent version can be found out here.
 REQUIRED_LINEAGE = (TAG_DATASET_MD5, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID)
 

@@ -10,10 +10,18 @@ A dataset is a directory::
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
+import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST = "manifest.jsonl"
@@ -51,10 +59,52 @@ class Record(BaseModel):
     area_ratio: float | None = Field(None, ge=0, le=1)
     area_error: float | None = Field(None, ge=0, le=1)
     source: str = Field(description="path of the original file, relative to the source root")
+    # set by pseudo_label: how good the labelling model's mask is, and how that was judged
+    score: float | None = None
+    score_method: Literal["tta", "dice"] | None = None
+    quality: Literal["good", "bad"] | None = None
+    labelled_by: str | None = Field(None, description="model version that predicted the mask")
+
+
+def check_fresh(out_dir: Path) -> None:
+    """Datasets are immutable once written: refuse to write into a non-empty folder."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"output folder {out_dir} already exists and is not empty; "
+                              "datasets are only written fresh")
+
+
+@contextmanager
+def staged_dataset(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp sibling of ``out_dir`` to write into; rename it into place only if the block
+    succeeds, so ``out_dir`` holds a complete dataset or nothing (never a half-written one)."""
+    out_dir = Path(out_dir)
+    check_fresh(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        yield tmp
+        check_fresh(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_png(array: np.ndarray, path: Path) -> str:
+    """Write an 8-bit PNG and return the sha256 of its bytes (the manifest's file hash)."""
+    buf = io.BytesIO()
+    # zlib level 1: ~3x faster than the default 6 for ~15% larger files; encoding dominates ingest
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    data = buf.getvalue()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_manifest(dataset_dir: Path, records: list[Record]) -> None:
-    lines = [r.model_dump_json() for r in sorted(records, key=lambda r: r.id)]
+    lines = [r.model_dump_json(exclude_none=True) for r in sorted(records, key=lambda r: r.id)]
     (dataset_dir / MANIFEST).write_text("\n".join(lines) + "\n")
 
 

@@ -39,8 +39,10 @@ class Segmenter(nn.Module):
         return resize_image(to_channels(image, self.in_channels), self.image_size).transpose(2, 0, 1)
 
     @torch.no_grad()
-    def predict_proba(self, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-        """Lesion probability per pixel, each map at its own image's size."""
+    def predict_proba(self, images: list[np.ndarray], lesion_types: list[str | None] | None = None,
+                      batch_size: int = 8) -> list[np.ndarray]:
+        """Lesion probability per pixel, each map at its own image's size. ``lesion_types`` is
+        accepted for interface parity with ``LesionTypeRouter``; one model serves every type."""
         self.eval()
         device = self.mean.device
         out = []
@@ -48,7 +50,7 @@ class Segmenter(nn.Module):
             chunk = images[i:i + batch_size]
             x = torch.from_numpy(np.stack([self.prepare(im) for im in chunk])).float().to(device)
             probs = torch.sigmoid(self(x))[:, 0].cpu().numpy()
-            out += [resize_prob(p, im.shape[0], im.shape[1]) for p, im in zip(probs, chunk)]
+            out += [resize_prob(p, im.shape[0], im.shape[1]) for p, im in zip(probs, chunk, strict=True)]
         return out
 
     def save(self, path: Path) -> None:

@@ -40,7 +40,7 @@ def evaluate(params_json: str, pipeline_run_id: str, dataset_path: str, model_pa
     tracking.connect(params)
     with tracking.step_run(params, "evaluate", pipeline_run_id):
         result = evaluate_step.evaluate(params, Path(dataset_path),
-                                        Path(model_path) / train_step.MODEL_FILE, Path(report_path))
+                                        Path(model_path), Path(report_path))
     overall = result.candidate.table["overall"]
     out = {**{k: overall[k] for k in ("dice", "iou", "hd95")}, "fps": result.candidate.fps}
     if result.champion:
@@ -55,7 +55,7 @@ def register(params_json: str, pipeline_run_id: str, model_path: str, report_pat
     params = config.from_json(params_json)
     evaluation = evaluate_step.Evaluation.load(Path(report_path) / evaluate_step.REPORT_FILE)
     with tracking.step_run(params, "register", pipeline_run_id):
-        outcome = register_step.register(params, Path(model_path) / train_step.MODEL_FILE,
+        outcome = register_step.register(params, Path(model_path),
                                          evaluation, dataset_md5, pipeline_run_id)
     tracking.finish_pipeline_run(params, pipeline_run_id)
     return json.dumps({

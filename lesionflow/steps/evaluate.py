@@ -20,7 +20,9 @@ from lesionflow.data.manifest import Record, read_manifest
 from lesionflow.data.transforms import load_image, load_mask
 from lesionflow.errors import RegistryError
 from lesionflow.metrics import aggregate, image_metrics
+from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
+from lesionflow.models.store import load_model
 from lesionflow.training import labelled
 
 REPORT_FILE = "evaluation.json"
@@ -52,15 +54,15 @@ class Evaluation:
         return cls(raw["split"], score(raw["candidate"]), score(raw["champion"]), raw["champion_version"])
 
 
-def score_model(model: Segmenter, dataset_dir: Path, records: list[Record], threshold: float,
-                overlays: int = 0, prefix: str = "") -> ModelScore:
+def score_model(model: Segmenter | LesionTypeRouter, dataset_dir: Path, records: list[Record],
+                threshold: float, overlays: int = 0, prefix: str = "") -> ModelScore:
     """Per-image metrics aggregated per lesion type; frames/s measured one frame at a time, as a
     real-time video stream would arrive (pre- and post-processing included)."""
     rows = []
     start = time.perf_counter()
     for i, record in enumerate(records):
         image = load_image(dataset_dir, record)
-        prob = model.predict_proba([image])[0]
+        prob = model.predict_proba([image], lesion_types=[record.lesion_type])[0]
         pred, truth = prob > threshold, load_mask(dataset_dir, record)
         rows.append({**image_metrics(pred, truth), "lesion_type": record.lesion_type})
         if i < overlays:
@@ -90,14 +92,14 @@ def select(records: list[Record], split: str) -> list[Record]:
     return labelled(records, split)
 
 
-def evaluate(params: Params, dataset_dir: Path, model_path: Path, out_dir: Path,
+def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
              split: str = "test") -> Evaluation:
     """Score the candidate (and the champion, if any) on ``split``; log tables and overlays."""
     records = select(read_manifest(dataset_dir), split)
     if not records:
         raise ValueError(f"no labelled records in the {split!r} split of {dataset_dir}")
     cfg = params.evaluate
-    candidate = score_model(Segmenter.load(model_path), dataset_dir, records, cfg.threshold,
+    candidate = score_model(load_model(model_dir), dataset_dir, records, cfg.threshold,
                             overlays=cfg.n_overlays)
     champion_version = registry.champion_version(params.runtime.model_name)
     champion = None

@@ -10,7 +10,7 @@ import mlflow
 import lesionflow
 from lesionflow import registry
 from lesionflow.config import Params
-from lesionflow.models.segmenter import Segmenter
+from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import Evaluation
 
 
@@ -22,7 +22,7 @@ class RegisterOutcome:
     champion: str | None
 
 
-def register(params: Params, model_path: Path, evaluation: Evaluation, dataset_md5: str,
+def register(params: Params, model_dir: Path, evaluation: Evaluation, dataset_md5: str,
              pipeline_run_id: str) -> RegisterOutcome:
     name = params.runtime.model_name
     metric = params.registry.gate_metric
@@ -36,7 +36,7 @@ def register(params: Params, model_path: Path, evaluation: Evaluation, dataset_m
         registry.TAG_PARENT_VERSION: evaluation.champion_version or "none",
     }
     metrics = {f"{evaluation.split}_{k}": v for k, v in candidate.items()}
-    version = registry.register_model(Segmenter.load(model_path), name=name, lineage=lineage,
+    version = registry.register_model(load_model(model_dir), name=name, lineage=lineage,
                                       metrics=metrics)
     registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
     decision = registry.gate(candidate, evaluation.champion.table["overall"] if evaluation.champion else None,

@@ -10,9 +10,8 @@ from lesionflow.config import Params
 from lesionflow.data.manifest import read_fingerprint, read_manifest
 from lesionflow.models import build_model
 from lesionflow.models.segmenter import Segmenter
+from lesionflow.models.store import save_model
 from lesionflow.training import FitResult, SegmentationDataset, fit, labelled
-
-MODEL_FILE = "segmenter.pt"
 
 
 def new_segmenter(params: Params, dataset_dir: Path) -> Segmenter:
@@ -56,7 +55,7 @@ def learning_curves(result: FitResult):
 
 
 def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
-    """Fit on ``train``, select on ``val``, save ``out_dir/segmenter.pt``; log to the active run."""
+    """Fit on ``train``, select on ``val``, save the model to ``out_dir``; log to the active run."""
     records = read_manifest(dataset_dir)
     model = new_segmenter(params, dataset_dir)
     train_set = SegmentationDataset(dataset_dir, labelled(records, "train"), model,
@@ -73,6 +72,5 @@ def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
     mlflow.log_metrics({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
                         "train_seconds": result.seconds})
     mlflow.log_figure(learning_curves(result), "learning_curves.png")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save(out_dir / MODEL_FILE)
+    save_model(model, out_dir)
     return result
