@@ -23,10 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesionflow import config  # noqa: E402
-from lesionflow.meta import Batch, default_loss, meta_step  # noqa: E402
-from lesionflow.models import build_model  # noqa: E402
-from lesionflow.models.segmenter import Segmenter  # noqa: E402
+from lesionflow import config
+from lesionflow.meta import Batch, default_loss, meta_step
+from lesionflow.models import build_model
+from lesionflow.models.segmenter import Segmenter
 
 TARGETS = {"first": 1.5, "second": 3.0}
 

@@ -25,14 +25,23 @@ def ingest(params_json: str, pipeline_run_id: str, dataset: Output[Dataset]) -> 
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], model: Output[Model],
-          metrics: Output[Metrics]):
-    """Supervised U-Net baseline (Dice + BCE) on the dataset's train split."""
+def pseudo_label(params_json: str, pipeline_run_id: str, dataset: Input[Dataset],
+                 labelled: Output[Dataset]) -> NamedTuple(
+        "PseudoLabelOutputs", [("dvc_md5", str), ("labeller", str)]):
+    """The champion labels unlabelled train images and scores all of them: good / bad task data."""
     from lesionflow.steps import entrypoints
 
-    out = entrypoints.train(params_json, pipeline_run_id, dataset.path, model.path)
-    model.metadata.update(out)
-    metrics.log_metric("best_val_dice", out["best_val_dice"])
+    out = entrypoints.pseudo_label(params_json, pipeline_run_id, dataset.path, labelled.path)
+    labelled.metadata.update(out)
+    return (out["dvc_md5"], out["labeller"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def meta_train(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], model: Output[Model]):
+    """MAML over good/bad task data (or the plain baseline), one model or one per lesion type."""
+    from lesionflow.steps import entrypoints
+
+    model.metadata.update(entrypoints.meta_train(params_json, pipeline_run_id, dataset.path, model.path))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -47,9 +56,10 @@ def evaluate(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], mo
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(params_json: str, pipeline_run_id: str, dataset_md5: str, model: Input[Model],
-             report: Input[Dataset]) -> str:
+def register(params_json: str, pipeline_run_id: str, dataset_md5: str, pseudo_dataset_md5: str,
+             labeller: str, model: Input[Model], report: Input[Dataset]) -> str:
     """Register with lineage; move `champion` only if the promotion gate passes."""
     from lesionflow.steps import entrypoints
 
-    return entrypoints.register(params_json, pipeline_run_id, model.path, report.path, dataset_md5)
+    return entrypoints.register(params_json, pipeline_run_id, model.path, report.path, dataset_md5,
+                                pseudo_dataset_md5, labeller)

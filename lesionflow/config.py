@@ -137,7 +137,7 @@ class MetaTrainConfig(_Section):
     """MAML-style meta-training over good/bad task data (MISSION section 3)."""
 
     enabled: bool = True  # false: the plain supervised baseline trains instead
-    task_by: Literal["lesion_type", "source", "group"] = "lesion_type"
+    task_by: Literal["lesion_type", "group"] = "lesion_type"
     outer_steps: int = Field(60, ge=1)
     inner_steps: int = Field(1, ge=1)
     inner_lr: float = Field(0.01, gt=0)

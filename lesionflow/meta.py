@@ -31,8 +31,9 @@ With data: ``Task.split("round", dataset, good_idx, bad_idx, kinds=kinds)`` per 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ class Task:
     @classmethod
     def split(cls, name: str, data: SegmentationDataset, good: Sequence[int], bad: Sequence[int], *,
               kinds: Sequence[str] | None = None, evaluation: Sequence[int] | None = None,
-              query_share: float = 0.5, seed: int = 0) -> "Task":
+              query_share: float = 0.5, seed: int = 0) -> Task:
         """Shuffle good and bad indices and cut each into primary / secondary parts, so both pools
         keep the task's good/bad mix. ``evaluation`` defaults to all good indices (the labels
         worth scoring against)."""
@@ -109,7 +110,7 @@ class Task:
 
         def cut(idx: Sequence[int]) -> tuple[list[int], list[int]]:
             idx = rng.permutation(np.asarray(idx, dtype=int)).tolist()
-            n_query = int(round(len(idx) * query_share))
+            n_query = round(len(idx) * query_share)
             if len(idx) > 1:
                 n_query = min(max(n_query, 1), len(idx) - 1)
             return idx[n_query:], idx[:n_query]
@@ -131,7 +132,7 @@ def draw(pool: Pool, size: int, bad_fraction: float,
     """``size`` indices, ``round(bad_fraction * size)`` of them bad; an empty side is filled from
     the other. Without replacement unless a side holds fewer samples than asked.
     Returns (indices, n_good, n_bad)."""
-    n_bad = int(round(bad_fraction * size)) if pool.bad else 0
+    n_bad = round(bad_fraction * size) if pool.bad else 0
     if not pool.good:
         n_bad = size
     n_good = size - n_bad

@@ -10,16 +10,21 @@ from components import steps
 COMPILED = Path(__file__).with_suffix(".yaml")
 
 
-@dsl.pipeline(name="lesionflow", description="ingest → train → evaluate → register (gated)")
+@dsl.pipeline(name="lesionflow",
+              description="ingest → pseudo_label → meta_train → evaluate → register (gated)")
 def lesionflow_pipeline(params_json: str) -> str:
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     ingest = steps.ingest(params_json=params_json, pipeline_run_id=run_id)
-    train = steps.train(params_json=params_json, pipeline_run_id=run_id,
-                        dataset=ingest.outputs["dataset"])
+    labels = steps.pseudo_label(params_json=params_json, pipeline_run_id=run_id,
+                                dataset=ingest.outputs["dataset"])
+    train = steps.meta_train(params_json=params_json, pipeline_run_id=run_id,
+                             dataset=labels.outputs["labelled"])
     evaluate = steps.evaluate(params_json=params_json, pipeline_run_id=run_id,
                               dataset=ingest.outputs["dataset"], model=train.outputs["model"])
     register = steps.register(params_json=params_json, pipeline_run_id=run_id,
-                              dataset_md5=ingest.outputs["dvc_md5"], model=train.outputs["model"],
+                              dataset_md5=ingest.outputs["dvc_md5"],
+                              pseudo_dataset_md5=labels.outputs["dvc_md5"],
+                              labeller=labels.outputs["labeller"], model=train.outputs["model"],
                               report=evaluate.outputs["report"])
     return register.output
 

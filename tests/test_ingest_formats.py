@@ -14,11 +14,21 @@ import pytest
 import tifffile
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from lesionflow.config import IngestConfig
 from lesionflow.data.ingest import ingest
-from lesionflow.data.io import deidentify, read_dicom, read_image, read_mask, read_volume
+from lesionflow.data.io import (
+    deidentify,
+    read_dicom,
+    read_image,
+    read_mask,
+    read_volume,
+)
 from lesionflow.data.manifest import read_manifest
 from lesionflow.errors import MaskSizeMismatchError, UnreadableImageError
 

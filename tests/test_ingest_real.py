@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
-from tests.conftest import shared_dataset
 from PIL import Image
 
 from lesionflow.config import IngestConfig
 from lesionflow.data.ingest import ingest
 from lesionflow.data.manifest import read_fingerprint, read_manifest
+from tests.conftest import shared_dataset
 
 
 def splits_per_group(records) -> dict[str, set[str]]:

@@ -14,7 +14,16 @@ from torch import nn
 from lesionflow import meta
 from lesionflow.config import MetaTrainConfig
 from lesionflow.losses import dice_bce_loss
-from lesionflow.meta import Batch, Pool, Task, default_loss, draw, meta_step, meta_train, order_tasks
+from lesionflow.meta import (
+    Batch,
+    Pool,
+    Task,
+    default_loss,
+    draw,
+    meta_step,
+    meta_train,
+    order_tasks,
+)
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet
 from lesionflow.training import SegmentationDataset

@@ -19,6 +19,8 @@ TINY = [
     "synthetic.n_images=24", "synthetic.n_videos=2", "synthetic.frames_per_video=4",
     "synthetic.size=64", "model.base_channels=8", "model.depth=2", "train.image_size=64",
     "train.epochs=3", "train.batch_size=8", "evaluate.n_overlays=2",
+    "meta_train.outer_steps=8", "meta_train.rerank_every=4", "meta_train.support_size=4",
+    "meta_train.query_size=4", "pseudo_label.hide_masks_fraction=0.3",
 ]
 
 
@@ -31,18 +33,20 @@ def test_checked_in_yaml_matches_the_code(tmp_path):
 def test_compiled_pipeline_wires_four_steps_on_one_image():
     spec = yaml.safe_load(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "train", "evaluate", "register"}
-    assert tasks["train"]["dependentTasks"] == ["ingest"]
-    assert set(tasks["register"]["dependentTasks"]) == {"evaluate", "ingest", "train"}
+    assert set(tasks) == {"ingest", "pseudo-label", "meta-train", "evaluate", "register"}
+    assert tasks["pseudo-label"]["dependentTasks"] == ["ingest"]
+    assert tasks["meta-train"]["dependentTasks"] == ["pseudo-label"]
+    assert set(tasks["register"]["dependentTasks"]) == {"evaluate", "ingest", "meta-train", "pseudo-label"}
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {lesionflow.IMAGE}
 
 
 @pytest.mark.slow
 def test_main_job_runs_locally_twice_then_rolls_back(tmp_path):
-    """`lesionflow run` twice on synthetic data: same data → same DVC hash; the second model is
-    gated against the first; lineage tags point at the data, params and parent champion; the
-    CLI rollback and history work on the result."""
+    """`lesionflow run` twice on synthetic data: same data → same DVC hash; the second run's
+    pseudo-labels come from the first model, the second model is gated against the first;
+    lineage tags point at the data, the pseudo-label data, params, labeller and parent champion;
+    the CLI rollback and history work on the result."""
     workdir = tmp_path / "work"
     env = {**os.environ, "LESIONFLOW_USER": "ci-bot"}
     base = [sys.executable, "-m", "lesionflow.cli"]
@@ -55,8 +59,9 @@ def test_main_job_runs_locally_twice_then_rolls_back(tmp_path):
         return proc.stdout
 
     first = run()
+    assert "no champion of lesionflow-segmenter yet" in first
     assert "lesionflow run finished" in first and "registered       lesionflow-segmenter v1" in first
-    second = run("--set", "train.epochs=1")
+    second = run("--set", "meta_train.outer_steps=4")
     assert "v2" in second
 
     params = config.load(REPO / "params.yaml", TINY + [f"runtime.workdir={workdir}"])
@@ -68,6 +73,10 @@ def test_main_job_runs_locally_twice_then_rolls_back(tmp_path):
     assert v1["tags"][registry.TAG_DATASET_MD5].endswith(".dir")
     assert v1["tags"][registry.TAG_PARENT_VERSION] == "none"
     assert v2["tags"][registry.TAG_PARENT_VERSION] == "1"
+    # run 1 had no champion to label with; run 2's pseudo-labels came from v1
+    assert v1["tags"][registry.TAG_LABELLER_VERSION] == "none"
+    assert v2["tags"][registry.TAG_LABELLER_VERSION] == f"{params.runtime.model_name}@1"
+    assert v1["tags"][registry.TAG_PSEUDO_DATASET_MD5] != v2["tags"][registry.TAG_PSEUDO_DATASET_MD5]
     assert v1["tags"][registry.TAG_PARAMS_HASH] != v2["tags"][registry.TAG_PARAMS_HASH]
     assert (workdir / "dvc-remote").is_dir() and any((workdir / "dvc-remote").rglob("*"))
 

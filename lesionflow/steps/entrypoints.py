@@ -13,8 +13,9 @@ import mlflow
 from lesionflow import config, tracking
 from lesionflow.steps import evaluate as evaluate_step
 from lesionflow.steps import ingest as ingest_step
+from lesionflow.steps import meta_train as meta_train_step
+from lesionflow.steps import pseudo_label as pseudo_label_step
 from lesionflow.steps import register as register_step
-from lesionflow.steps import train as train_step
 
 
 def ingest(params_json: str, pipeline_run_id: str, dataset_path: str) -> dict:
@@ -26,12 +27,19 @@ def ingest(params_json: str, pipeline_run_id: str, dataset_path: str) -> dict:
             "remote": outcome.version.remote}
 
 
-def train(params_json: str, pipeline_run_id: str, dataset_path: str, model_path: str) -> dict:
+def pseudo_label(params_json: str, pipeline_run_id: str, dataset_path: str, out_path: str) -> dict:
     params = config.from_json(params_json)
-    with tracking.step_run(params, "train", pipeline_run_id) as run:
-        result = train_step.train(params, Path(dataset_path), Path(model_path))
-    return {"best_val_dice": result.best_val_dice, "epochs": result.epochs_run,
-            "seconds": result.seconds, "mlflow_run_id": run.info.run_id}
+    with tracking.step_run(params, "pseudo_label", pipeline_run_id):
+        report = pseudo_label_step.pseudo_label(params, Path(dataset_path), Path(out_path))
+        version = ingest_step.version_and_log(params, Path(out_path))
+    return {"dvc_md5": version.md5, "labeller": report.labeller or "none", **report.counts}
+
+
+def meta_train(params_json: str, pipeline_run_id: str, dataset_path: str, model_path: str) -> dict:
+    params = config.from_json(params_json)
+    with tracking.step_run(params, "meta_train", pipeline_run_id) as run:
+        outcome = meta_train_step.run(params, Path(dataset_path), Path(model_path))
+    return {"mlflow_run_id": run.info.run_id, "models": sorted(outcome.results) or ["plain"]}
 
 
 def evaluate(params_json: str, pipeline_run_id: str, dataset_path: str, model_path: str,
@@ -50,13 +58,14 @@ def evaluate(params_json: str, pipeline_run_id: str, dataset_path: str, model_pa
 
 
 def register(params_json: str, pipeline_run_id: str, model_path: str, report_path: str,
-             dataset_md5: str) -> str:
+             dataset_md5: str, pseudo_dataset_md5: str, labeller: str) -> str:
     """Returns the run summary as JSON: the pipeline's output, printed by ``lesionflow run``."""
     params = config.from_json(params_json)
     evaluation = evaluate_step.Evaluation.load(Path(report_path) / evaluate_step.REPORT_FILE)
     with tracking.step_run(params, "register", pipeline_run_id):
         outcome = register_step.register(params, Path(model_path),
-                                         evaluation, dataset_md5, pipeline_run_id)
+                                         evaluation, dataset_md5, pipeline_run_id,
+                                         pseudo_dataset_md5=pseudo_dataset_md5, labeller=labeller)
     tracking.finish_pipeline_run(params, pipeline_run_id)
     return json.dumps({
         "pipeline_run_id": pipeline_run_id,

@@ -35,17 +35,23 @@ def build_dataset(params: Params, out_dir: Path) -> IngestReport:
         return ingest(cfg, out_dir, seed=params.seed)
 
 
+def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
+    """DVC-version a finished dataset, push it, and put its identity in the active MLflow run."""
+    version = version_dataset(dataset_dir, remote=params.runtime.remote(),
+                              endpoint_url=params.runtime.s3_endpoint_url,
+                              workspace=params.runtime.resolved_workdir() / "dvc-workspace")
+    mlflow.set_tag("lesionflow.dataset_md5", version.md5)
+    mlflow.log_param("dvc.remote", version.remote)
+    mlflow.log_artifact(str(dataset_dir / FINGERPRINT))
+    mlflow.log_text(version.dvc_file, "dataset.dvc")
+    return version
+
+
 def run(params: Params, out_dir: Path) -> IngestOutcome:
     """Build, version and log; the DVC hash becomes the dataset's identity downstream."""
     report = build_dataset(params, out_dir)
-    workdir = params.runtime.resolved_workdir()
-    version = version_dataset(out_dir, remote=params.runtime.remote(),
-                              endpoint_url=params.runtime.s3_endpoint_url,
-                              workspace=workdir / "dvc-workspace")
-    mlflow.set_tag("lesionflow.dataset_md5", version.md5)
-    mlflow.log_params({"ingest.source": params.ingest.source, "dvc.remote": version.remote})
+    version = version_and_log(params, out_dir)
+    mlflow.log_param("ingest.source", params.ingest.source)
     mlflow.log_metrics({"n_records": report.n_records, "n_skipped": len(report.skipped)})
     mlflow.log_dict(report.model_dump(mode="json"), "ingest_report.json")
-    mlflow.log_artifact(str(out_dir / FINGERPRINT))
-    mlflow.log_text(version.dvc_file, "dataset.dvc")
     return IngestOutcome(report, version)

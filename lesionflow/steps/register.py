@@ -23,7 +23,7 @@ class RegisterOutcome:
 
 
 def register(params: Params, model_dir: Path, evaluation: Evaluation, dataset_md5: str,
-             pipeline_run_id: str) -> RegisterOutcome:
+             pipeline_run_id: str, *, pseudo_dataset_md5: str, labeller: str) -> RegisterOutcome:
     name = params.runtime.model_name
     metric = params.registry.gate_metric
     candidate = evaluation.candidate.table["overall"]
@@ -34,6 +34,8 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, dataset_md
         registry.TAG_PARAMS_HASH: params.digest(),
         registry.TAG_PIPELINE_RUN_ID: pipeline_run_id,
         registry.TAG_PARENT_VERSION: evaluation.champion_version or "none",
+        registry.TAG_PSEUDO_DATASET_MD5: pseudo_dataset_md5,
+        registry.TAG_LABELLER_VERSION: labeller,
     }
     metrics = {f"{evaluation.split}_{k}": v for k, v in candidate.items()}
     version = registry.register_model(load_model(model_dir), name=name, lineage=lineage,
