@@ -3,6 +3,7 @@
 Conventions (stated because papers differ): both masks empty → Dice = IoU = 1 and HD95 = 0
 (a correct "no lesion"); exactly one empty → Dice = IoU = 0 and HD95 = NaN (undefined, excluded
 from HD95 means but counted in ``hd95_undefined``). HD95 is in pixels of the evaluated image.
+``false_positive_rate`` is the share of lesion-free images on which any lesion pixel is predicted.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def image_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     pred, truth = pred.astype(bool), truth.astype(bool)
-    return {"dice": dice(pred, truth), "iou": iou(pred, truth), "hd95": hd95(pred, truth)}
+    return {"dice": dice(pred, truth), "iou": iou(pred, truth), "hd95": hd95(pred, truth),
+            "truth_empty": float(not truth.any()), "pred_empty": float(not pred.any())}
 
 
 def aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -54,11 +56,16 @@ def aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
     table = {}
     for name, items in sorted(groups.items()):
         finite_hd = [r["hd95"] for r in items if not math.isnan(r["hd95"])]
+        lesion_free = [r for r in items if r["truth_empty"]]
         table[name] = {
             "n": len(items),
             "dice": float(np.mean([r["dice"] for r in items])),
             "iou": float(np.mean([r["iou"] for r in items])),
             "hd95": float(np.mean(finite_hd)) if finite_hd else math.nan,
             "hd95_undefined": len(items) - len(finite_hd),
+            # images without a lesion on which the model still finds one (e.g. BUSI "normal")
+            "n_lesion_free": len(lesion_free),
+            "false_positive_rate": (float(np.mean([not r["pred_empty"] for r in lesion_free]))
+                                    if lesion_free else math.nan),
         }
     return table

@@ -24,7 +24,8 @@ def test_dice_iou_on_overlapping_squares():
 
 def test_empty_conventions():
     empty, lesion = np.zeros((8, 8), bool), square(8, 2, 2, 3)
-    assert image_metrics(empty, empty) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0}
+    assert image_metrics(empty, empty) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0,
+                                           "truth_empty": 1.0, "pred_empty": 1.0}
     missed = image_metrics(empty, lesion)
     assert missed["dice"] == 0 and missed["iou"] == 0 and math.isnan(missed["hd95"])
 
@@ -36,10 +37,13 @@ def test_hd95_of_shifted_square_is_the_shift():
 
 
 def test_aggregate_per_type_and_overall():
-    rows = [{"dice": 1.0, "iou": 1.0, "hd95": 0.0, "lesion_type": "a"},
-            {"dice": 0.0, "iou": 0.0, "hd95": math.nan, "lesion_type": "b"},
-            {"dice": 0.5, "iou": 0.25, "hd95": 2.0, "lesion_type": "b"}]
+    rows = [{"dice": 1.0, "iou": 1.0, "hd95": 0.0, "lesion_type": "a", "truth_empty": 1.0, "pred_empty": 1.0},
+            {"dice": 0.0, "iou": 0.0, "hd95": math.nan, "lesion_type": "b", "truth_empty": 1.0,
+             "pred_empty": 0.0},
+            {"dice": 0.5, "iou": 0.25, "hd95": 2.0, "lesion_type": "b", "truth_empty": 0.0, "pred_empty": 0.0}]
     table = aggregate(rows)
+    assert table["b"]["false_positive_rate"] == 1.0 and table["a"]["false_positive_rate"] == 0.0
+    assert table["overall"]["n_lesion_free"] == 2 and table["overall"]["false_positive_rate"] == 0.5
     assert table["overall"]["n"] == 3 and table["overall"]["dice"] == pytest.approx(0.5)
     assert table["b"]["hd95"] == pytest.approx(2.0) and table["b"]["hd95_undefined"] == 1
     assert table["a"]["dice"] == 1.0

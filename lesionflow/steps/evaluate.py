@@ -117,7 +117,7 @@ def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
     mlflow.log_metric("fps", candidate.fps)
     mlflow.log_table({"lesion_type": list(candidate.table),
                       **{k: [row[k] for row in candidate.table.values()]
-                         for k in ("n", "dice", "iou", "hd95", "hd95_undefined")}},
+                         for k in ("n", "dice", "iou", "hd95", "hd95_undefined", "false_positive_rate")}},
                      "per_type_metrics.json")
     if champion is not None:
         mlflow.log_metrics({f"champion.{split}.overall.{k}": v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, dataset_md
         registry.TAG_PSEUDO_DATASET_MD5: pseudo_dataset_md5,
         registry.TAG_LABELLER_VERSION: labeller,
     }
-    metrics = {f"{evaluation.split}_{k}": v for k, v in candidate.items()}
+    metrics = {f"{evaluation.split}_{k}": v for k, v in candidate.items() if math.isfinite(v)}
     version = registry.register_model(load_model(model_dir), name=name, lineage=lineage,
                                       metrics=metrics)
     registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
