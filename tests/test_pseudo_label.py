@@ -152,3 +152,20 @@ def test_meta_train_step_per_lesion_type_saves_a_router(small_project, tmp_path)
         model.predict_proba([image], ["polyp"])
     save_model(model, tmp_path / "again")
     assert load_model(tmp_path / "again").lesion_types == model.lesion_types
+
+
+def test_per_type_champion_leaves_unknown_types_unlabelled(small_project, tmp_path):
+    params, dataset = small_project
+    name = params.runtime.model_name
+    with mlflow.start_run():
+        version = registry.register_model(
+            LesionTypeRouter({"round": new_segmenter(params, dataset)}), name=name, metrics={},
+            lineage={registry.TAG_DATASET_MD5: "x.dir", registry.TAG_PARAMS_HASH: "p",
+                     registry.TAG_PIPELINE_RUN_ID: "r"})
+    registry.move_alias(name, "champion", version, why="test", action="set")
+    with mlflow.start_run():
+        report = pseudo_label(params, dataset, tmp_path / "labelled")
+    assert "no model for ['elongated']" in report.message
+    out = [r for r in read_manifest(tmp_path / "labelled") if r.split == "train"]
+    assert all(r.kind != "pseudo_label" and r.score is None for r in out if r.lesion_type == "elongated")
+    assert any(r.kind == "pseudo_label" for r in out if r.lesion_type == "round")

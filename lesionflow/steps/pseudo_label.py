@@ -32,6 +32,7 @@ from lesionflow.data.manifest import (
 )
 from lesionflow.data.transforms import load_image, load_mask
 from lesionflow.metrics import dice
+from lesionflow.models.router import UnknownLesionTypeError
 from lesionflow.progress import progress
 from lesionflow.pseudo import predict_with_tta, quality_cutoff, score
 
@@ -87,6 +88,7 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
     with staged_dataset(out_dir) as tmp:
         out: list[Record] = []
         hidden_dice: list[float] = []
+        unknown_types: set[str] = set()
         for record in progress(records, "pseudo-label"):
             _link(dataset_dir / record.image, tmp / record.image)
             is_train = record.split == "train"
@@ -103,8 +105,15 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
                 out.append(base.model_copy(update={"quality": "good"}) if keeps_mask else base)
                 continue
             truth = load_mask(dataset_dir, record) if keeps_mask else None
-            pred = predict_with_tta(model, load_image(dataset_dir, record), params.evaluate.threshold,
-                                    record.lesion_type)
+            try:
+                pred = predict_with_tta(model, load_image(dataset_dir, record), params.evaluate.threshold,
+                                        record.lesion_type)
+            except UnknownLesionTypeError:
+                # a per-type champion can't label a type it has never seen: that record trains
+                # from its own label if it has one, and is otherwise left unlabelled
+                unknown_types.add(record.lesion_type)
+                out.append(base.model_copy(update={"quality": "good"}) if keeps_mask else base)
+                continue
             value, method = score(cfg.scorer, pred, truth)
             update = {"score": round(value, 6), "score_method": method, "labelled_by": labeller}
             if not keeps_mask and base.kind != "weak":  # weak labels get pixel labels from issue #6's GCN
@@ -124,6 +133,9 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
             "good": sum(r.quality == "good" for r in out), "bad": sum(r.quality == "bad" for r in out),
             "pseudo_labelled": sum(r.kind == "pseudo_label" for r in out), "hidden": len(hidden)}
         report.hidden_mask_dice = float(np.mean(hidden_dice)) if hidden_dice else None
+        if unknown_types:
+            report.message += f"; {labeller} has no model for {sorted(unknown_types)}: not pseudo-labelled"
+            print(report.message)
         write_manifest(tmp, out)
         (tmp / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, tmp), indent=2, sort_keys=True) + "\n")
         (tmp / REPORT).write_text(json.dumps(report.__dict__, indent=2, sort_keys=True) + "\n")
