@@ -30,6 +30,7 @@ With data: ``Task.split("round", dataset, good_idx, bad_idx, kinds=kinds)`` per 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -229,11 +230,14 @@ class MetaResult:
     orders: list[dict] = field(default_factory=list)  # {"step", "order", "scores"} per new order
     scores: dict[str, float] = field(default_factory=dict)  # final per-task mean Dice
     seconds: float = 0.0
+    best_step: int | None = None  # outer step whose weights were kept (with ``validation``)
+    best_val_dice: float | None = None
 
 
 def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *, seed: int,
                device: str | torch.device = "auto", loss_fn: LossFn = default_loss,
-               on_step: Callable[[dict], None] | None = None) -> MetaResult:
+               on_step: Callable[[dict], None] | None = None,
+               validation: SegmentationDataset | None = None) -> MetaResult:
     """Run ``cfg.outer_steps`` outer steps, one task each, walking the task order in passes.
 
     Every ``cfg.rerank_every`` steps all tasks are scored and a new pass starts from a fresh order
@@ -241,8 +245,10 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
     next re-rank repeats (``ascending``, same scores) or reshuffles (``random``). The query batch
     comes from the task's own secondary pool (``query_from: same_task``) or from the secondary
     pool of the next task in the current order (``other_task``). ``cfg.enabled``, ``task_by`` and
-    ``per_lesion_type`` are for the caller, which builds the tasks. Returns the model on CPU, in
-    eval mode."""
+    ``per_lesion_type`` are for the caller, which builds the tasks. The outer learning rate follows
+    a one-cycle schedule, as plain training's does. With ``validation``, the model is scored on it
+    at every re-rank and at the end, and the best weights are kept (plain training's model
+    selection, so the two are compared on equal terms). Returns the model on CPU, in eval mode."""
     if not tasks:
         raise ValueError("meta-training needs at least one task")
     if cfg.query_from == "other_task" and len(tasks) < 2:
@@ -255,11 +261,26 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
     order_rng, sample_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     model.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.outer_lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.outer_lr,
+                                                    total_steps=cfg.outer_steps, pct_start=0.15)
     result, queue, order, scores = MetaResult(), [], [], {}
+    best_state = None
     start = time.monotonic()
+
+    def keep_if_best(step: int) -> None:
+        nonlocal best_state
+        if validation is None:
+            return
+        dice = validation_dice(model, validation, device, cfg.query_size)
+        if result.best_val_dice is None or dice > result.best_val_dice:
+            result.best_step, result.best_val_dice = step, dice
+            best_state = copy.deepcopy(model.state_dict())
+
     for step in range(cfg.outer_steps):
         rerank = step % cfg.rerank_every == 0
         if rerank:
+            if step:
+                keep_if_best(step)
             scores = score_tasks(model, tasks, device, cfg.query_size)
         if rerank or not queue:
             if rerank or cfg.task_order == "random":
@@ -277,12 +298,16 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
                            query_task.batch(q_idx, cfg.correction_weight, device),
                            inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, order=cfg.order,
                            loss_fn=loss_fn)
+        scheduler.step()
         row = {"step": step, "task": task.name, "query_task": query_task.name, **losses,
                "support_good": s_good, "support_bad": s_bad, "query_good": q_good,
                "query_bad": q_bad, "seconds": time.monotonic() - start}
         result.history.append(row)
         if on_step:
             on_step(row)
+    keep_if_best(cfg.outer_steps)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     result.scores = score_tasks(model, tasks, device, cfg.query_size)
     result.seconds = time.monotonic() - start
     model.to("cpu").eval()

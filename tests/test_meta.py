@@ -26,7 +26,7 @@ from lesionflow.meta import (
 )
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet
-from lesionflow.training import SegmentationDataset
+from lesionflow.training import SegmentationDataset, validation_dice
 
 ALPHA, ETA = 0.1, 0.05
 
@@ -218,3 +218,15 @@ def test_other_task_query_and_second_order_run():
     assert all(r["task"] != r["query_task"] for r in result.history)
     with pytest.raises(ValueError, match="two tasks"):
         meta_train(toy_model(), toy_tasks(n=8)[:1], cfg, seed=0, device="cpu")
+
+
+def test_validation_keeps_the_best_checkpoint_like_plain_training():
+    cfg = MetaTrainConfig(outer_steps=12, support_size=4, query_size=4, inner_lr=0.05, outer_lr=0.02,
+                          rerank_every=4)
+    tasks = toy_tasks()
+    validation = tasks[0].data  # any held-out-like set; the squares task's data
+    model = toy_model()
+    result = meta_train(model, tasks, cfg, seed=0, device="cpu", validation=validation)
+    assert result.best_step in (4, 8, 12)
+    assert result.best_val_dice == pytest.approx(validation_dice(model, validation, torch.device("cpu"), 4))
+    assert meta_train(toy_model(), tasks, cfg, seed=0, device="cpu").best_step is None

@@ -55,10 +55,11 @@ def build_tasks(params: Params, dataset_dir: Path, records: list[Record],
     return tasks, pools
 
 
-def _train_one(params: Params, dataset_dir: Path, records: list[Record], prefix: str
-               ) -> tuple[Segmenter, MetaResult, dict[str, dict[str, int]]]:
+def _train_one(params: Params, dataset_dir: Path, records: list[Record], val_records: list[Record],
+               prefix: str) -> tuple[Segmenter, MetaResult, dict[str, dict[str, int]]]:
     model = new_segmenter(params, dataset_dir)
     tasks, pools = build_tasks(params, dataset_dir, records, model)
+    validation = SegmentationDataset(dataset_dir, val_records, model) if val_records else None
     cfg = params.train
 
     def loss_fn(logits, mask, weight):
@@ -70,7 +71,10 @@ def _train_one(params: Params, dataset_dir: Path, records: list[Record], prefix:
                             f"{prefix}outer_loss": row["outer_loss"]}, step=row["step"])
 
     result = meta_train(model, tasks, params.meta_train, seed=params.seed, device=cfg.device,
-                        loss_fn=loss_fn, on_step=log_step)
+                        loss_fn=loss_fn, on_step=log_step, validation=validation)
+    if result.best_val_dice is not None:
+        mlflow.log_metrics({f"{prefix}best_val_dice": result.best_val_dice,
+                            f"{prefix}best_step": result.best_step})
     return model, result, pools
 
 
@@ -80,7 +84,8 @@ def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
     if not mcfg.enabled:
         train(params, dataset_dir, out_dir)
         return MetaTrainOutcome({}, {})
-    records = labelled(read_manifest(dataset_dir), "train")
+    manifest = read_manifest(dataset_dir)
+    records, val_records = labelled(manifest, "train"), labelled(manifest, "val")
     mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
     mlflow.log_metrics({"n_good": sum(r.quality != "bad" for r in records),
                         "n_bad": sum(r.quality == "bad" for r in records),
@@ -91,13 +96,14 @@ def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
             by_type[r.lesion_type].append(r)
         models, results, pools = {}, {}, {}
         for lesion_type in sorted(by_type):
-            model, result, type_pools = _train_one(params, dataset_dir, by_type[lesion_type],
-                                                   prefix=f"{lesion_type}.")
+            model, result, type_pools = _train_one(
+                params, dataset_dir, by_type[lesion_type],
+                [r for r in val_records if r.lesion_type == lesion_type], prefix=f"{lesion_type}.")
             models[lesion_type], results[lesion_type] = model, result
             pools.update({f"{lesion_type}/{k}": v for k, v in type_pools.items()})
         save_model(LesionTypeRouter(models), out_dir)
     else:
-        model, result, pools = _train_one(params, dataset_dir, records, prefix="")
+        model, result, pools = _train_one(params, dataset_dir, records, val_records, prefix="")
         results = {"all": result}
         save_model(model, out_dir)
     for name, result in results.items():
