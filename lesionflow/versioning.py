@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from lesionflow.data.manifest import link_or_copy
 from lesionflow.errors import DatasetVersionError
 
 REMOTE_NAME = "storage"
@@ -106,7 +107,7 @@ def _version(dataset_dir: Path, url: str, endpoint_url: str | None, ws: Path) ->
     data = ws / "data"
     shutil.rmtree(data, ignore_errors=True)  # left over from an interrupted call
     try:
-        shutil.copytree(dataset_dir, data, copy_function=_link_or_copy)
+        shutil.copytree(dataset_dir, data, copy_function=link_or_copy)
         _dvc(["add", "--no-relink", "data"], ws)
         _dvc(["push", "data.dvc"], ws)
     finally:
@@ -140,13 +141,6 @@ def _init_workspace(ws: Path, url: str, endpoint_url: str | None, cache_type: st
              "[cache]", f'    type = "{cache_type}"', f"['remote \"{REMOTE_NAME}\"']"]
     lines += [f'    {key} = "{value}"' for key, value in settings.items() if value]
     (ws / ".dvc" / "config").write_text("\n".join(lines) + "\n")
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # other filesystem, or links not permitted
-        shutil.copy2(src, dst)
 
 
 @contextmanager

@@ -93,6 +93,15 @@ def staged_dataset(out_dir: Path) -> Iterator[Path]:
         raise
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link a dataset file (datasets are immutable, so sharing inodes is safe and free);
+    copy where links are impossible (another filesystem, or not permitted)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_png(array: np.ndarray, path: Path) -> str:
     """Write an 8-bit PNG and return the sha256 of its bytes (the manifest's file hash)."""
     buf = io.BytesIO()

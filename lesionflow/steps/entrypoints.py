@@ -45,7 +45,6 @@ def meta_train(params_json: str, pipeline_run_id: str, dataset_path: str, model_
 def evaluate(params_json: str, pipeline_run_id: str, dataset_path: str, model_path: str,
              report_path: str) -> dict:
     params = config.from_json(params_json)
-    tracking.connect(params)
     with tracking.step_run(params, "evaluate", pipeline_run_id):
         result = evaluate_step.evaluate(params, Path(dataset_path),
                                         Path(model_path), Path(report_path))

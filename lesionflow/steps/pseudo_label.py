@@ -11,8 +11,6 @@ task data and the unlabelled ones stay unlabelled: the first model learns from l
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from lesionflow.data.fingerprint import compute_fingerprint
 from lesionflow.data.manifest import (
     FINGERPRINT,
     Record,
+    link_or_copy,
     read_manifest,
     staged_dataset,
     write_manifest,
@@ -56,21 +55,14 @@ def hidden_ids(records: list[Record], fraction: float, seed: int) -> set[str]:
     return set(rng.choice(candidates, size=int(round(fraction * len(candidates))), replace=False))
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _labeller(params: Params):
     """(model, "NAME@version") for the configured alias/version, or (None, None) if no champion."""
     name, ref = params.runtime.model_name, params.pseudo_label.model
-    if ref == "champion" and registry.champion_version(name) is None:
-        return None, None
-    model = registry.load_model(name, ref)
+    # resolve the alias once, so the model loaded and the version recorded can't disagree
     version = registry.champion_version(name) if ref == "champion" else ref
-    return model, f"{name}@{version}"
+    if version is None:
+        return None, None
+    return registry.load_model(name, version), f"{name}@{version}"
 
 
 def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabelReport:
@@ -90,11 +82,11 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
         hidden_dice: list[float] = []
         unknown_types: set[str] = set()
         for record in progress(records, "pseudo-label"):
-            _link(dataset_dir / record.image, tmp / record.image)
+            link_or_copy(dataset_dir / record.image, tmp / record.image)
             is_train = record.split == "train"
             keeps_mask = record.mask is not None and record.id not in hidden
             if keeps_mask:
-                _link(dataset_dir / record.mask, tmp / record.mask)
+                link_or_copy(dataset_dir / record.mask, tmp / record.mask)
             if not is_train:
                 out.append(record)
                 continue
