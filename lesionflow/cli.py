@@ -56,6 +56,11 @@ def format_summary(summary: dict) -> str:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    if args.image:
+        import lesionflow
+
+        # Components read the image when their module is imported, which happens just below.
+        lesionflow.IMAGE = args.image
     from pipelines.lesionflow_pipeline import compile_pipeline
 
     print(compile_pipeline(Path(args.out)) if args.out else compile_pipeline())
@@ -151,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
     p = add("compile", cmd_compile, "compile the pipeline to KFP YAML")
     p.add_argument("--out", help="output path (default: pipelines/lesionflow_pipeline.yaml)")
+    p.add_argument("--image", help="component image, e.g. the <version>-<gitsha> tag "
+                   "scripts/build_image.sh pushed (default: lesionflow.IMAGE)")
     p = add("submit", cmd_submit, "submit the compiled pipeline to a KFP endpoint")
     p.add_argument("--host", required=True)
     p.add_argument("--experiment", default="lesionflow")
