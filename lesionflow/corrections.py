@@ -1,0 +1,247 @@
+"""Reviewers' corrected masks: accepted in batches, versioned, mixed into the next training run.
+
+A batch is a folder or S3 prefix in the ingest layout::
+
+    images/<id>.<ext>     the image the model was shown
+    masks/<id>.png        the reviewer's corrected mask (required for every image)
+    corrections.csv       optional: id, lesion_type, model_version (the version that predicted)
+
+It is validated by the ingest code itself (same formats, same named errors). Every accepted
+batch makes a *new* version of one cumulative corrections dataset — the previous version's
+records plus this batch's, a re-corrected id replacing its older correction — written fresh,
+DVC-versioned and pushed, so nothing stored earlier is ever rewritten. Versions are recorded as
+runs of the MLflow experiment ``<model>-corrections`` (tags: DVC hash, count; artifact: the
+manifest), which the CLI, the pipeline on a cluster and the retrain schedule all share.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from lesionflow import registry, tracking
+from lesionflow.config import IngestConfig, MetadataColumns, Params, SplitFractions
+from lesionflow.data.fingerprint import compute_fingerprint
+from lesionflow.data.ingest import ingest
+from lesionflow.data.manifest import (
+    FINGERPRINT,
+    MANIFEST,
+    Record,
+    link_or_copy,
+    read_manifest,
+    staged_dataset,
+    write_manifest,
+)
+from lesionflow.data.sources import materialize_source
+from lesionflow.errors import CorrectionError
+from lesionflow.versioning import restore_dataset, version_dataset
+
+CSV = "corrections.csv"
+ID_PREFIX = "correction-"
+TAG_MD5 = registry.TAG_CORRECTIONS_MD5
+TAG_COUNT = "lesionflow.n_corrections"
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class CorrectionsVersion:
+    md5: str
+    n_corrections: int
+    run_id: str
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    added: int  # corrections added to the train split
+    replaced: int  # train records whose image a correction supersedes
+    held_out: list[str]  # corrections of val/test images: kept out of training (no leak)
+
+
+def experiment_name(params: Params) -> str:
+    return f"{params.runtime.model_name}-corrections"
+
+
+def add(params: Params, source: str, *, model_version: str | None = None) -> CorrectionsVersion:
+    """Validate a batch and record the corrections dataset version that includes it."""
+    name = params.runtime.model_name
+    with tempfile.TemporaryDirectory(prefix="lesionflow-corrections-") as tmp:
+        tmp = Path(tmp)
+        root = materialize_source(source, params.runtime.s3_endpoint_url, tmp / "source")
+        predicted_by = _model_versions(root, model_version)
+        batch_dir = tmp / "batch"
+        ingest(_batch_config(params, root), batch_dir, seed=params.seed)
+        batch = read_manifest(batch_dir)
+        _check_batch(batch, predicted_by, model_version)
+        for version in sorted({predicted_by.get(r.id, model_version) for r in batch}):
+            registry.version_info(name, version)  # RegistryError naming the existing versions
+
+        previous = latest(params)
+        merged = tmp / "corrections"
+        with staged_dataset(merged) as stage:
+            records = [_as_correction(r, predicted_by.get(r.id, model_version), batch_dir, stage)
+                       for r in batch]
+            if previous is not None:
+                old_dir = restore(params, previous.md5, tmp / "previous")
+                fresh = {r.id for r in records}
+                records += [_copy(r, old_dir, stage) for r in read_manifest(old_dir) if r.id not in fresh]
+            write_manifest(stage, records)
+            (stage / FINGERPRINT).write_text(json.dumps(compute_fingerprint(records, stage),
+                                                        indent=2, sort_keys=True) + "\n")
+        version = version_dataset(merged, remote=params.runtime.remote(),
+                                  endpoint_url=params.runtime.s3_endpoint_url,
+                                  workspace=params.runtime.resolved_workdir() / "dvc-workspace")
+        return _record_version(params, version.md5, merged, source, added=len(batch))
+
+
+def latest(params: Params) -> CorrectionsVersion | None:
+    """The newest completely recorded corrections version, or None before the first batch."""
+    runs = _runs(params, "attributes.status = 'FINISHED'", max_results=1)
+    return _version_of(runs[0]) if runs else None
+
+
+def find(params: Params, md5: str) -> CorrectionsVersion:
+    runs = _runs(params, f"attributes.status = 'FINISHED' and tags.`{TAG_MD5}` = '{md5}'", 1)
+    if not runs:
+        raise CorrectionError(f"{md5} is not a recorded corrections version of "
+                              f"{params.runtime.model_name} (see `lesionflow corrections status`)")
+    return _version_of(runs[0])
+
+
+def resolve(params: Params) -> CorrectionsVersion | None:
+    """The version ``corrections.dataset`` names: ``latest``, a hash, or None (``null``)."""
+    ref = params.corrections.dataset
+    if ref is None:
+        return None
+    return latest(params) if ref == "latest" else find(params, ref)
+
+
+def restore(params: Params, md5: str, dest: Path) -> Path:
+    return restore_dataset(md5, dest, remote=params.runtime.remote(),
+                           endpoint_url=params.runtime.s3_endpoint_url)
+
+
+def count_new(params: Params, version: CorrectionsVersion, since_md5: str | None) -> int:
+    """Corrections in ``version`` that ``since_md5`` did not hold (by id and mask content): the
+    ones a model trained on ``since_md5`` has never seen."""
+    current = _entries(version.run_id)
+    if since_md5 in (None, NONE):
+        return len(current)
+    return len(current - _entries(find(params, since_md5).run_id))
+
+
+def merge(dataset_dir: Path, corrections_dir: Path, out_dir: Path) -> MergeReport:
+    """Write ``out_dir``: the dataset plus the corrections in its train split.
+
+    A correction of an image (same pixels) that sits in train replaces that record's mask; a
+    correction of a val/test image stays out, since training on it would leak the test set."""
+    records = read_manifest(dataset_dir)
+    where = {r.image_sha256: r.split for r in records}
+    corrections = read_manifest(corrections_dir)
+    held_out = [c.id for c in corrections if where.get(c.image_sha256, "train") != "train"]
+    used = [c for c in corrections if c.id not in held_out]
+    superseded = {c.image_sha256 for c in used}
+    kept = [r for r in records if not (r.split == "train" and r.image_sha256 in superseded)]
+    with staged_dataset(out_dir) as stage:
+        out = [_copy(r, dataset_dir, stage) for r in kept]
+        out += [_copy(c, corrections_dir, stage) for c in used]
+        write_manifest(stage, out)
+        (stage / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, stage),
+                                                    indent=2, sort_keys=True) + "\n")
+    return MergeReport(added=len(used), replaced=len(records) - len(kept), held_out=held_out)
+
+
+def _batch_config(params: Params, root: Path) -> IngestConfig:
+    columns = _csv_columns(root)
+    return IngestConfig(
+        source=str(root), metadata_csv=CSV if columns else None,
+        columns=MetadataColumns(id="id", lesion_type="lesion_type" if "lesion_type" in columns else None),
+        default_lesion_type=params.ingest.default_lesion_type, max_side=params.ingest.max_side,
+        split=SplitFractions(train=1.0, val=0.0, test=0.0))
+
+
+def _csv_columns(root: Path) -> set[str]:
+    if not (root / CSV).is_file():
+        return set()
+    with open(root / CSV, newline="") as f:
+        return set(csv.DictReader(f).fieldnames or [])
+
+
+def _model_versions(root: Path, default: str | None) -> dict[str, str]:
+    """id → model version from ``corrections.csv`` (rows with an empty cell use ``default``)."""
+    if "model_version" not in _csv_columns(root):
+        return {}
+    with open(root / CSV, newline="") as f:
+        return {row["id"]: row["model_version"].strip() for row in csv.DictReader(f)
+                if row.get("model_version", "").strip()}
+
+
+def _check_batch(batch: list[Record], predicted_by: dict[str, str], default: str | None) -> None:
+    no_mask = sorted(r.id for r in batch if r.mask is None)
+    if no_mask:
+        raise CorrectionError(f"{len(no_mask)} correction(s) without a corrected mask in masks/: "
+                              f"{', '.join(no_mask[:5])}")
+    no_version = sorted(r.id for r in batch if r.id not in predicted_by and default is None)
+    if no_version:
+        raise CorrectionError(
+            f"no model version for {', '.join(no_version[:5])}: pass --model-version or fill the "
+            f"model_version column of {CSV} (the version whose prediction was corrected)")
+
+
+def _as_correction(record: Record, predicted_by: str, src: Path, stage: Path) -> Record:
+    new_id = record.id if record.id.startswith(ID_PREFIX) else ID_PREFIX + record.id
+    image, mask = f"images/{new_id}.png", f"masks/{new_id}.png"
+    link_or_copy(src / record.image, stage / image)
+    link_or_copy(src / record.mask, stage / mask)
+    return record.model_copy(update={
+        "id": new_id, "kind": "correction", "split": "train", "image": image, "mask": mask,
+        "group": ID_PREFIX + record.group, "corrected_from": str(predicted_by)})
+
+
+def _copy(record: Record, src: Path, stage: Path) -> Record:
+    for rel in (record.image, record.mask):
+        if rel is not None:
+            link_or_copy(src / rel, stage / rel)
+    return record
+
+
+def _record_version(params: Params, md5: str, dataset: Path, source: str, *, added: int
+                    ) -> CorrectionsVersion:
+    """One MLflow run per version; it only counts as recorded once FINISHED (artifact logged)."""
+    client = MlflowClient()
+    experiment_id = tracking.ensure_experiment(params, experiment_name(params))
+    n = len(read_manifest(dataset))
+    run = client.create_run(experiment_id, run_name=f"corrections {md5[:8]} (+{added})",
+                            tags={TAG_MD5: md5, TAG_COUNT: str(n), "lesionflow.source": source,
+                                  "lesionflow.n_added": str(added)})
+    try:
+        client.log_text(run.info.run_id, (dataset / MANIFEST).read_text(), MANIFEST)
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return CorrectionsVersion(md5, n, run.info.run_id)
+
+
+def _runs(params: Params, filter_string: str, max_results: int) -> list:
+    experiment = mlflow.get_experiment_by_name(experiment_name(params))
+    if experiment is None:
+        return []
+    return MlflowClient().search_runs([experiment.experiment_id], filter_string,
+                                      order_by=["attributes.start_time DESC"],
+                                      max_results=max_results)
+
+
+def _version_of(run) -> CorrectionsVersion:
+    return CorrectionsVersion(run.data.tags[TAG_MD5], int(run.data.tags[TAG_COUNT]), run.info.run_id)
+
+
+def _entries(run_id: str) -> set[tuple[str, str | None]]:
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{MANIFEST}")
+    records = [Record.model_validate_json(line) for line in text.splitlines() if line]
+    return {(r.id, r.mask_sha256) for r in records}
