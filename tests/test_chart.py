@@ -221,7 +221,7 @@ def test_chart_image_is_the_compiled_pipeline_image(helm, rendered):
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert chart["appVersion"] == lesionflow.__version__
     assert values["image"]["repository"] == lesionflow.IMAGE_REPOSITORY
-    pipeline = yaml.safe_load(COMPILED.read_text())
+    pipeline = next(yaml.safe_load_all(COMPILED.read_text()))  # 2nd document: platforms
     pipeline_images = {e["container"]["image"] for e in pipeline["deploymentSpec"]["executors"].values()}
     chart_images = {c["image"] for c in containers(rendered["default"]).values()}
     assert chart_images == pipeline_images == {f"{lesionflow.IMAGE_REPOSITORY}:{lesionflow.__version__}"}
