@@ -155,3 +155,30 @@ def test_retrain_counts_corrections_the_champion_has_not_seen(params, tmp_path, 
     assert "nothing to do: 1 new correction(s) since champion v2; need at least 5" in out
     assert cli.main(["corrections", "status", *args]) == 0
     assert second.md5 in capsys.readouterr().out
+
+
+def test_a_batch_from_s3_lands_on_the_s3_remote_via_the_tracking_server(
+        tmp_path, mlflow_server, s3_server, s3_bucket):
+    """The cluster set-up: batch on an S3 prefix, DVC remote on S3, MLflow over HTTP."""
+    import boto3
+
+    p = config.load(REPO / "params.yaml", [
+        f"runtime.workdir={tmp_path / 'work'}", "runtime.model_name=corr-s3",
+        f"runtime.mlflow_tracking_uri={mlflow_server}", f"runtime.s3_endpoint_url={s3_server}",
+        f"runtime.dvc_remote=s3://{s3_bucket}/datasets"])
+    tracking.connect(p)
+    try:
+        v1 = register_version(p)
+        batch = make_batch(tmp_path / "b", {"a": 1, "b": 2}, versions={"a": v1, "b": v1})
+        s3 = boto3.client("s3", endpoint_url=s3_server)
+        for path in batch.rglob("*"):
+            if path.is_file():
+                s3.upload_file(str(path), s3_bucket, f"inbox/2026-11-25/{path.relative_to(batch)}")
+        version = corrections.add(p, f"s3://{s3_bucket}/inbox/2026-11-25")
+        assert corrections.latest(p) == version and version.n_corrections == 2
+        restored = read_manifest(corrections.restore(p, version.md5, tmp_path / "restored"))
+        assert sorted(r.id for r in restored) == ["correction-a", "correction-b"]
+        assert any(o["Key"].startswith("datasets/") for o in
+                   s3.list_objects_v2(Bucket=s3_bucket).get("Contents", []))
+    finally:
+        mlflow.set_tracking_uri(None)
