@@ -285,3 +285,62 @@ def test_notes_name_the_secrets_to_create(helm, tmp_path):
         assert secret in notes
     assert "lesionflow:0.1.0-0123456789ab" in notes
     assert "http://lf-mlflow.ml.svc:5000" in notes
+
+
+@pytest.mark.slow
+def test_mlflow_server_runs_with_the_charts_arguments(rendered, s3_server, s3_bucket, tmp_path):
+    """`mlflow server` as the chart starts it (SQLite for PostgreSQL, moto for S3, loopback):
+    in-cluster Host names pass MLflow's Host check, others don't, artifacts land in S3 through
+    the server's proxy (what serving relies on), and nothing is written to the working directory
+    (the root filesystem is read-only in the pod)."""
+    import signal
+    import urllib.error
+    import urllib.request
+
+    import boto3
+    from mlflow import MlflowClient
+
+    from tests.conftest import free_port, wait_http
+
+    docs = rendered["default"]
+    c = containers(docs)["mlflow"]
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-mlflow"))
+    name = service["metadata"]["name"]
+    port = free_port()
+    local = {"$(MLFLOW_BACKEND_STORE_URI)": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "s3://lesionflow/mlflow": f"s3://{s3_bucket}/mlflow", "0.0.0.0": "127.0.0.1",
+             "5000": str(port)}
+    args = [local.get(a, a) for a in c["args"]]
+    args[args.index("--workers") + 1] = "1"  # startup time
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "HOME": str(tmp_path), "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    proc = subprocess.Popen([shutil.which("mlflow"), *args], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=90, proc=proc)
+
+        def status(host: str) -> int:
+            request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                             headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert status(f"{name}.ml.svc:5000") == 200
+        assert status(f"{name}.ml.svc.cluster.local:5000") == 200
+        assert status("evil.example.com") != 200
+
+        client = MlflowClient(tracking_uri=url)
+        run = client.create_run(client.create_experiment("chart"))
+        client.log_text(run.info.run_id, "hello", "note.txt")
+        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server)
+                .list_objects_v2(Bucket=s3_bucket, Prefix="mlflow/").get("Contents", [])]
+        assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
+        assert list(cwd.iterdir()) == []
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
