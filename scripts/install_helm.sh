@@ -12,6 +12,15 @@ HELM_SHA256=9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
 
 verified() { [ -x "$1" ] && echo "$HELM_SHA256  $1" | sha256sum --check --status; }
 
+if [ "$(uname -sm)" != "Linux x86_64" ]; then
+  if command -v helm >/dev/null; then
+    echo "not linux-amd64: using $(command -v helm) from PATH"
+    exit 0
+  fi
+  echo "the pinned helm is linux-amd64 only: put a helm 3 on PATH (or set LESIONFLOW_HELM)" >&2
+  exit 1
+fi
+
 if verified "$DEST/helm"; then
   echo "helm already installed: $DEST/helm"
   exit 0

@@ -230,6 +230,16 @@ def test_chart_image_is_the_compiled_pipeline_image(helm, rendered):
         f"{lesionflow.IMAGE_REPOSITORY}:0.1.0-0123456789ab"}
 
 
+def test_chart_secret_is_the_one_the_pipeline_steps_read():
+    """One Secret serves the chart's workloads and the pipeline's steps (params.yaml cluster)."""
+    cluster = config.load(REPO / "params.yaml").cluster
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    creds, auth = values["s3"]["credentials"], values["mlflow"]["auth"]
+    assert creds["existingSecret"] == cluster.credentials_secret
+    keys = {creds["accessKeyIdKey"], creds["secretAccessKeyKey"], auth["usernameKey"], auth["passwordKey"]}
+    assert keys <= set(cluster.secret_env)
+
+
 @pytest.mark.parametrize("values", VALUES)
 def test_lesionflow_commands_parse_and_their_params_validate(rendered, values, tmp_path):
     """The serving and retrain command lines are valid lesionflow CLI calls, and the params they
