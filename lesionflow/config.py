@@ -91,6 +91,7 @@ class SyntheticConfig(_Section):
     frames_per_video: int = Field(8, ge=2)
     size: int = Field(96, ge=32)
     lesion_types: list[str] = ["round", "elongated"]
+    n_weak: int = Field(0, ge=0)  # extra stills carrying an area ratio instead of a mask
 
 
 class ModelConfig(_Section):
@@ -153,6 +154,25 @@ class MetaTrainConfig(_Section):
     correction_weight: float = Field(3.0, gt=0)
 
 
+class WeakLabelConfig(_Section):
+    """Area-ratio weak labels → pixel pseudo-labels via superpixels + a GCN (MISSION section 2,
+    seed 004; ``lesionflow.weak``). Runs inside the pseudo_label step on ``weak`` train records."""
+
+    enabled: bool = True  # false: weak records pass through the pseudo_label step unlabelled
+    n_superpixels: int = Field(64, ge=2)  # k-means clusters over [FCN features, colour, xy] ...
+    compactness: float = Field(1.0, ge=0)  # ... one grid step of distance costs this much feature
+    kmeans_iters: int = Field(5, ge=1)
+    connectivity: Literal[4, 8] = 4  # pixel neighbourhood that makes two superpixels adjacent
+    sigma: float | None = Field(None, gt=0)  # edge weight exp(-d²/σ²); null: median d per image
+    gcn_hidden: int = Field(32, ge=1)
+    gcn_layers: int = Field(2, ge=1)  # graph propagations
+    count_by: Literal["area", "vertices"] = "area"  # n_fg from pixel area or vertex count
+    default_error: float = Field(0.0, ge=0, lt=1)  # e for records without an area_error
+    epochs: int = Field(4, ge=1)  # re-rank → train rounds (train.batch_size, lr, image_size)
+    gcn_weight: float = Field(1.0, ge=0)  # vertex loss weight next to the pixel loss
+    n_logged: int = Field(4, ge=0)  # image strips of pseudo masks (ignore band shown) in MLflow
+
+
 class EvaluateConfig(_Section):
     threshold: float = Field(0.5, gt=0, lt=1)
     n_overlays: int = Field(8, ge=0)
@@ -173,6 +193,7 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
+    weak_label: WeakLabelConfig = WeakLabelConfig()
     meta_train: MetaTrainConfig = MetaTrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()

@@ -48,3 +48,8 @@ class DatasetVersionError(LesionflowError):
 
 class RegistryError(LesionflowError):
     """A registry request (alias, version, rollback target) cannot be satisfied."""
+
+
+class WeakLabelError(LesionflowError):
+    """Area-ratio weak labelling cannot run on this input (e.g. a record without an area ratio,
+    a feature map too small for the requested superpixels)."""

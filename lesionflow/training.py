@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lesionflow.config import TrainConfig
 from lesionflow.data.manifest import Record
-from lesionflow.data.transforms import load_image, load_mask, resize_mask
+from lesionflow.data.transforms import load_image, load_target
 from lesionflow.losses import dice_bce_loss
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.progress import progress
@@ -42,7 +42,8 @@ class SegmentationDataset(Dataset):
         size = model.image_size
         self.images = np.stack([model.prepare(load_image(dataset_dir, r))
                                 for r in progress(records, "loading")])
-        self.masks = np.stack([resize_mask(load_mask(dataset_dir, r), size)[None] for r in records])
+        # int8 targets: 1 lesion, 0 background, -1 ignore (area-ratio pseudo-labels)
+        self.masks = np.stack([load_target(dataset_dir, r, size)[None] for r in records])
         self.weights = np.asarray(sample_weights or [1.0] * len(records), dtype=np.float32)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
@@ -87,12 +88,14 @@ def pick_device(name: str) -> torch.device:
 @torch.no_grad()
 def validation_dice(model: Segmenter, data: SegmentationDataset, device: torch.device,
                     batch_size: int) -> float:
-    """Mean per-image hard Dice at training resolution (cheap model selection, not the report)."""
+    """Mean per-image hard Dice at training resolution (cheap model selection, not the report);
+    ignore pixels (target -1) count on neither side."""
     model.eval()
     scores = []
     for image, mask, _ in DataLoader(data, batch_size=batch_size):
-        pred = (model(image.to(device)) > 0).float()
         mask = mask.to(device)
+        pred = (model(image.to(device)) > 0).float() * (mask >= 0)
+        mask = mask.clamp(min=0)
         inter = (pred * mask).flatten(1).sum(1)
         total = pred.flatten(1).sum(1) + mask.flatten(1).sum(1)
         scores += torch.where(total > 0, 2 * inter / total.clamp(min=1), 1.0).tolist()

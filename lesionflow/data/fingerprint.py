@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lesionflow.data.manifest import Record
+from lesionflow.data.manifest import IGNORE_VALUE, Record
 
 QUANTILES = (0, 25, 50, 75, 100)
 
@@ -64,7 +64,8 @@ def _pixel_sums(dataset_dir: Path, record: Record, channels: int
     area = None
     if record.mask is not None:
         with Image.open(dataset_dir / record.mask) as m:
-            area = float((np.asarray(m) > 0).mean())
+            mask = np.asarray(m)
+            area = float(((mask > 0) & (mask != IGNORE_VALUE)).mean())  # ignore is not lesion
     return flat.sum(axis=0), (flat**2).sum(axis=0), flat.shape[0], area
 
 

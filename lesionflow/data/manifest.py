@@ -5,7 +5,14 @@ A dataset is a directory::
     manifest.jsonl     one Record per line, sorted by id (deterministic: same input, same DVC hash)
     fingerprint.json   sizes, intensities, lesion areas, counts per type (see ``fingerprint.py``)
     images/<id>.png    8-bit RGB or grayscale
-    masks/<id>.png     8-bit, 0 = background, 255 = lesion (absent for unlabelled/weak records)
+    masks/<id>.png     8-bit, 0 = background, 255 = lesion (absent for unlabelled/weak records),
+                       128 = ignore (``IGNORE_VALUE``: only in pseudo-labels from area ratios, where
+                       the pixels of vertices ranked between the r-e and r+e bounds are unlabelled)
+
+Readers turn a mask into a training target with ``transforms.load_target``: 1 lesion, 0
+background, -1 ignore; the losses and validation Dice skip the -1 pixels. ``load_mask`` (truth
+for metrics) counts only lesion pixels. Masks written before the ignore value existed hold only 0
+and 255, so old datasets read unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST = "manifest.jsonl"
 FINGERPRINT = "fingerprint.json"
+IGNORE_VALUE = 128  # mask PNG value of pixels the loss must skip (see the module docstring)
 
 Kind = Literal[
     "still",  # image + mask
@@ -61,7 +69,7 @@ class Record(BaseModel):
     source: str = Field(description="path of the original file, relative to the source root")
     # set by pseudo_label: how good the labelling model's mask is, and how that was judged
     score: float | None = None
-    score_method: Literal["tta", "dice"] | None = None
+    score_method: Literal["tta", "dice", "weak_gcn"] | None = None  # weak_gcn: lesionflow.weak
     quality: Literal["good", "bad"] | None = None
     labelled_by: str | None = Field(None, description="model version that predicted the mask")
 

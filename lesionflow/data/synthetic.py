@@ -21,7 +21,8 @@ from lesionflow.config import SyntheticConfig
 
 METADATA_CSV = "metadata.csv"
 COLUMNS = {"id": "id", "lesion_type": "lesion_type", "group": "group", "frame": "frame",
-           "key_frame": "key_frame"}
+           "key_frame": "key_frame", "area_ratio": "area_ratio", "area_error": "area_error"}
+WEAK_ERROR = 0.02  # the area_error of weak stills; their ratio is off by up to half of it
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -63,7 +64,8 @@ def _shape(rng: np.random.Generator, size: int, lesion_type: str) -> dict:
 
 
 def make_synthetic_source(cfg: SyntheticConfig, root: Path, seed: int) -> Path:
-    """Write ``cfg.n_images`` stills and ``cfg.n_videos`` videos under ``root``; return ``root``."""
+    """Write ``cfg.n_images`` stills, ``cfg.n_videos`` videos and ``cfg.n_weak`` weak stills (an
+    area ratio in the metadata, no mask) under ``root``; return ``root``."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,18 @@ def make_synthetic_source(cfg: SyntheticConfig, root: Path, seed: int) -> Path:
             rows.append(dict(id=record_id, lesion_type=lesion_type, group=f"video_{v:02d}",
                              frame=t, key_frame=int(t == 0)))
 
+    for i in range(cfg.n_weak):  # after the videos, so adding them leaves the other records as they were
+        lesion_type = cfg.lesion_types[i % len(cfg.lesion_types)]
+        mask = _lesion_mask(size, **_shape(rng, size, lesion_type))
+        record_id = f"weak_{i:04d}"
+        image = _render(rng, _background(rng, size), mask, rng.uniform(0.55, 0.85, 3))
+        Image.fromarray(image).save(root / "images" / f"{record_id}.png")
+        ratio = np.clip(mask.mean() + rng.uniform(-WEAK_ERROR / 2, WEAK_ERROR / 2), 0, 1)
+        rows.append({"id": record_id, "lesion_type": lesion_type, "group": f"weak_patient_{i:04d}",
+                     "area_ratio": f"{ratio:.5f}", "area_error": WEAK_ERROR})
+
     with open(root / METADATA_CSV, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), restval="")
         writer.writeheader()
         writer.writerows(rows)
     return root

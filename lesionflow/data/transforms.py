@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lesionflow.data.manifest import Record
+from lesionflow.data.manifest import IGNORE_VALUE, Record
 
 
 def load_image(dataset_dir: Path, record: Record) -> np.ndarray:
@@ -15,10 +15,22 @@ def load_image(dataset_dir: Path, record: Record) -> np.ndarray:
 
 
 def load_mask(dataset_dir: Path, record: Record) -> np.ndarray:
-    """Boolean HxW; a record without a mask (unlabelled/weak) has none to load."""
+    """Boolean HxW lesion pixels (ignore pixels are not lesion); a record without a mask
+    (unlabelled/weak) has none to load."""
+    mask = _read_mask(dataset_dir, record)
+    return (mask > 0) & (mask != IGNORE_VALUE)
+
+
+def load_target(dataset_dir: Path, record: Record, size: int) -> np.ndarray:
+    """int8 SxS training target: 1 lesion, 0 background, -1 ignore (``IGNORE_VALUE`` pixels)."""
+    mask = np.asarray(Image.fromarray(_read_mask(dataset_dir, record)).resize((size, size), Image.NEAREST))
+    return np.where(mask == IGNORE_VALUE, -1, mask > 0).astype(np.int8)
+
+
+def _read_mask(dataset_dir: Path, record: Record) -> np.ndarray:
     if record.mask is None:
         raise ValueError(f"record {record.id} ({record.kind}) has no mask")
-    return np.asarray(Image.open(Path(dataset_dir) / record.mask)) > 0
+    return np.asarray(Image.open(Path(dataset_dir) / record.mask))
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -40,11 +52,6 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     pil = Image.fromarray(image[..., 0] if squeeze else image)
     out = np.asarray(pil.resize((size, size), Image.BILINEAR))
     return out[..., None] if squeeze else out
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    pil = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(pil.resize((size, size), Image.NEAREST)) > 0
 
 
 def resize_prob(prob: np.ndarray, height: int, width: int) -> np.ndarray:

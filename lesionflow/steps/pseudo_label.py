@@ -34,6 +34,7 @@ from lesionflow.metrics import dice
 from lesionflow.models.router import UnknownLesionTypeError
 from lesionflow.progress import progress
 from lesionflow.pseudo import predict_with_tta, quality_cutoff, score
+from lesionflow.weak.step import label_weak_records
 
 REPORT = "pseudo_label_report.json"
 
@@ -116,8 +117,10 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
                     hidden_dice.append(dice(pred.mask, load_mask(dataset_dir, record)))
             out.append(base.model_copy(update=update))
 
+        # area-ratio weak records → pixel pseudo-labels with an ignore band (lesionflow.weak)
+        out, weak_report = label_weak_records(params, dataset_dir, tmp, out, model, labeller)
         scored = [r.score for r in out if r.score is not None]
-        if model is not None:
+        if model is not None or weak_report is not None:
             report.cutoff = quality_cutoff(scored, cfg.threshold, cfg.quantile)
             out = [r.model_copy(update={"quality": "good" if r.score >= report.cutoff else "bad"})
                    if r.score is not None else r for r in out]

@@ -1,0 +1,242 @@
+"""Training from area ratios: every epoch re-rank the superpixels, paint the "second annotation",
+train the segmentation network and the GCN on it.
+
+``WeakGraphModel`` is a ``Segmenter`` plus a GCN over its superpixel graph. Per pixel the feature
+is the network's last decoder layer (``UNet.features``) concatenated with the normalised colour,
+so superpixels are meaningful even before the network has learned anything. One epoch:
+
+1. annotate (no augmentation, eval mode): superpixels + graph per weak image, vertex scores,
+   the count rule (``counts``) → a target map with 1 / 0 / -1 (ignore).
+2. train on those targets (augmented like plain training): the pixel head's Dice + BCE skips the
+   ignore pixels; the GCN's BCE is taken on the superpixels of the *current* features, each vertex
+   labelled by the share of lesion among its labelled pixels (vertices mostly in the ignore band
+   carry no loss), weighted by area. Both losses reach the network's features.
+
+The scores that rank vertices come from the GCN — except in the first epoch, when it is untrained:
+then a pretrained network's own head ranks them (mean lesion probability per vertex), and an
+untrained one falls back to a boundary-contrast prior (colour distance from the superpixels on
+the image border; lesions seldom fill the frame edge), a classic saliency cue (Wei et al., ECCV
+2012) that costs nothing and beats a random ranking.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lesionflow.config import TrainConfig, WeakLabelConfig
+from lesionflow.data.manifest import Record
+from lesionflow.data.transforms import load_image, load_target
+from lesionflow.errors import WeakLabelError
+from lesionflow.losses import IGNORE, dice_bce_loss
+from lesionflow.models.segmenter import Segmenter
+from lesionflow.progress import progress
+from lesionflow.training import SegmentationDataset, pick_device, validation_dice
+from lesionflow.weak.counts import BACKGROUND, FOREGROUND, IGNORED, paint, vertex_labels
+from lesionflow.weak.gcn import GCN
+from lesionflow.weak.graph import Graph, batch_adjacency, build_graph
+from lesionflow.weak.superpixels import superpixels
+
+
+class WeakGraphModel(nn.Module):
+    """A ``Segmenter`` and the GCN that scores its superpixels, trained as one module."""
+
+    def __init__(self, segmenter: Segmenter, cfg: WeakLabelConfig):
+        super().__init__()
+        self.segmenter, self.cfg = segmenter, cfg
+        self.colour = segmenter.in_channels
+        self.gcn = GCN(segmenter.net.hparams["base_channels"] + self.colour, cfg.gcn_hidden, cfg.gcn_layers)
+
+    def pixel_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8-scaled (B, C, S, S) → ((B, F + C, S, S) features ⊕ colour, (B, 1, S, S) logits)."""
+        seg = self.segmenter
+        normalised = (x - seg.mean) / seg.std
+        h = seg.net.features(normalised)
+        return torch.cat([h, normalised], 1), seg.net.head(h)
+
+    def graph(self, features: torch.Tensor) -> Graph:
+        cfg = self.cfg
+        labels = superpixels(features, cfg.n_superpixels, cfg.compactness, cfg.kmeans_iters)
+        return build_graph(features, labels, cfg.sigma, cfg.connectivity)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Graph], torch.Tensor]:
+        """(pixel logits, one graph per image, vertex logits of all graphs concatenated)."""
+        features, logits = self.pixel_features(x)
+        graphs = [self.graph(f) for f in features]
+        vertex_x, adj = batch_adjacency(graphs)
+        return logits, graphs, self.gcn(vertex_x, adj)
+
+
+def boundary_contrast(graph: Graph, colour: int) -> torch.Tensor:
+    """Per vertex: distance of its mean colour (the last ``colour`` feature channels) from the
+    area-weighted mean colour of the superpixels touching the image border."""
+    lab = graph.labels
+    border = torch.unique(torch.cat([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    rgb = graph.x.detach()[:, -colour:]
+    w = graph.area[border].float()[:, None]
+    reference = (rgb[border] * w).sum(0) / w.sum()
+    return (rgb - reference).norm(dim=1)
+
+
+@dataclass
+class Annotation:
+    """The second annotation of one weak image at training resolution."""
+
+    target: np.ndarray  # (S, S) int8: 1 lesion, 0 background, -1 ignore
+    superpixels: np.ndarray  # (S, S) superpixel ids, for reviewers' image strips
+    counts: dict[str, int]  # vertices: foreground / background / ignored
+    agreement: float  # Dice of the pixel head's prediction with the painted lesion (labelled pixels)
+
+
+def _agreement(logits: torch.Tensor, target: torch.Tensor) -> float:
+    valid = target >= 0
+    pred, fg = (logits > 0) & valid, target == FOREGROUND
+    total = int(pred.sum() + fg.sum())
+    return 1.0 if total == 0 else float(2 * (pred & fg).sum() / total)
+
+
+@torch.no_grad()
+def annotate(model: WeakGraphModel, images: np.ndarray, ratios: Sequence[float], errors: Sequence[float],
+             ranking: str, device: torch.device, batch_size: int = 8) -> list[Annotation]:
+    """Rank each image's superpixels by ``ranking`` ("gcn", "head" or "prior"), apply the count
+    rule with its ratio and error, paint the result back to pixels."""
+    if ranking not in ("gcn", "head", "prior"):
+        raise WeakLabelError(f"ranking must be 'gcn', 'head' or 'prior', got {ranking!r}")
+    model.eval()
+    out: list[Annotation] = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size]).float().to(device)
+        logits, graphs, vertex_logits = model(x)
+        for i, (graph, scores) in enumerate(zip(graphs, vertex_logits.split([g.n for g in graphs]),
+                                                strict=True)):
+            if ranking == "head":
+                scores = torch.zeros(graph.n, device=device).index_add_(
+                    0, graph.labels.flatten(), torch.sigmoid(logits[i, 0]).flatten()) / graph.area
+            elif ranking == "prior":
+                scores = boundary_contrast(graph, model.colour)
+            area = graph.area if model.cfg.count_by == "area" else None
+            labels = vertex_labels(scores, ratios[start + i], errors[start + i], area)
+            target = paint(labels, graph.labels)
+            out.append(Annotation(
+                target.cpu().numpy(), graph.labels.cpu().numpy(),
+                {"foreground": int((labels == FOREGROUND).sum()), "background": int((labels == BACKGROUND).sum()),
+                 "ignored": int((labels == IGNORED).sum())},
+                _agreement(logits[i, 0], target)))
+    return out
+
+
+def vertex_loss(graphs: list[Graph], vertex_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Area-weighted BCE of the vertex logits against the share of lesion among each vertex's
+    labelled pixels; a vertex whose pixels are mostly ignored carries no loss."""
+    offsets = np.cumsum([0] + [g.n for g in graphs])
+    index = torch.cat([g.labels.flatten() + int(o) for g, o in zip(graphs, offsets, strict=False)])
+    t = targets.flatten()
+    n = int(offsets[-1])
+    labelled = torch.zeros(n, device=t.device).index_add_(0, index, (t != IGNORE).float())
+    lesion = torch.zeros(n, device=t.device).index_add_(0, index, (t == FOREGROUND).float())
+    area = torch.cat([g.area for g in graphs]).float()
+    weight = area * (labelled >= 0.5 * area)
+    if weight.sum() == 0:
+        return vertex_logits.sum() * 0
+    soft = lesion / labelled.clamp(min=1)
+    bce = F.binary_cross_entropy_with_logits(vertex_logits, soft, reduction="none")
+    return (bce * weight).sum() / weight.sum()
+
+
+class WeakTrainingSet(SegmentationDataset):
+    """Fully labelled records with their masks, then weak records whose targets ``fit_weak``
+    rewrites every epoch (all ignore until the first annotation)."""
+
+    def __init__(self, dataset_dir: Path, labelled: list[Record], weak: list[Record], model: Segmenter,
+                 default_error: float = 0.0, augment: bool = False, seed: int = 0):
+        if not weak:
+            raise WeakLabelError("no weak records (image + area ratio) to learn from")
+        missing = [r.id for r in weak if r.area_ratio is None]
+        if missing:
+            raise WeakLabelError(f"weak records without an area ratio: {missing[:5]}")
+        size = model.image_size
+        self.images = np.stack([model.prepare(load_image(dataset_dir, r))
+                                for r in progress(labelled + weak, "loading")])
+        self.masks = np.stack([load_target(dataset_dir, r, size) for r in labelled]
+                              + [np.full((size, size), IGNORE, np.int8)] * len(weak))[:, None]
+        self.weights = np.ones(len(self.images), np.float32)
+        self.augment, self.rng = augment, np.random.default_rng(seed)
+        self.weak = slice(len(labelled), len(self.images))
+        self.ratios = [r.area_ratio for r in weak]
+        self.errors = [default_error if r.area_error is None else r.area_error for r in weak]
+
+
+@dataclass
+class WeakFitResult:
+    annotations: list[Annotation]  # the final second annotation of every weak record
+    best_epoch: int
+    best_val_dice: float | None
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def fit_weak(segmenter: Segmenter, data: WeakTrainingSet, cfg: WeakLabelConfig, train_cfg: TrainConfig, *,
+             seed: int, val: SegmentationDataset | None = None, pretrained: bool = False,
+             on_epoch: Callable[[dict], None] | None = None) -> WeakFitResult:
+    """``cfg.epochs`` rounds of annotate → train (AdamW + one-cycle, ``train_cfg``'s batch size and
+    LR). With ``val`` the weights of the best validation epoch are kept (as plain ``fit`` does).
+    ``segmenter`` is trained in place and returned on the CPU in eval mode."""
+    torch.manual_seed(seed)
+    device = pick_device(train_cfg.device)
+    model = WeakGraphModel(segmenter, cfg).to(device)
+    loader = DataLoader(data, batch_size=train_cfg.batch_size, shuffle=True,
+                        drop_last=len(data) > train_cfg.batch_size, generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_cfg.lr,
+                                                    total_steps=cfg.epochs * len(loader), pct_start=0.15)
+    weak_images = data.images[data.weak]
+    best_state, best = copy.deepcopy(model.state_dict()), (cfg.epochs - 1, None)
+    history: list[dict] = []
+    start = time.monotonic()
+    for epoch in range(cfg.epochs):
+        ranking = "gcn" if epoch else ("head" if pretrained else "prior")
+        annotations = annotate(model, weak_images, data.ratios, data.errors, ranking, device, train_cfg.batch_size)
+        data.masks[data.weak, 0] = np.stack([a.target for a in annotations])
+        model.train()
+        pixel_losses, graph_losses = [], []
+        for image, target, _ in progress(loader, f"weak epoch {epoch + 1}/{cfg.epochs}"):
+            image, target = image.to(device), target.to(device)
+            logits, graphs, vertex_logits = model(image)
+            pixel = dice_bce_loss(logits, target, dice_weight=train_cfg.dice_weight, bce_weight=train_cfg.bce_weight)
+            graph = vertex_loss(graphs, vertex_logits, target)
+            loss = pixel + cfg.gcn_weight * graph
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            pixel_losses.append(pixel.item())
+            graph_losses.append(graph.item())
+        row = {"epoch": epoch, "ranking": ranking, "pixel_loss": float(np.mean(pixel_losses)),
+               "vertex_loss": float(np.mean(graph_losses)), "seconds": time.monotonic() - start,
+               **{f"{k}_vertices": sum(a.counts[k] for a in annotations) for k in annotations[0].counts},
+               "ignored_pixel_share": float(np.mean([(a.target == IGNORE).mean() for a in annotations]))}
+        if val is not None:
+            row["val_dice"] = validation_dice(segmenter, val, device, train_cfg.batch_size)
+            if best[1] is None or row["val_dice"] > best[1]:
+                best, best_state = (epoch, row["val_dice"]), copy.deepcopy(model.state_dict())
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if train_cfg.max_minutes and row["seconds"] > train_cfg.max_minutes * 60:
+            break
+    if val is not None:
+        model.load_state_dict(best_state)
+    else:
+        best = (len(history) - 1, None)
+    final = annotate(model, weak_images, data.ratios, data.errors, "gcn", device, train_cfg.batch_size)
+    segmenter.to("cpu").eval()
+    return WeakFitResult(final, best[0], best[1], time.monotonic() - start, history)
