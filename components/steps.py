@@ -25,6 +25,17 @@ def ingest(params_json: str, pipeline_run_id: str, dataset: Output[Dataset]) -> 
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def synthesize_video(params_json: str, pipeline_run_id: str, dataset: Input[Dataset],
+                     augmented: Output[Dataset]) -> str:
+    """Train the next-frame model on the videos; add synthetic videos and propagated labels."""
+    from lesionflow.steps import entrypoints
+
+    out = entrypoints.synthesize_video(params_json, pipeline_run_id, dataset.path, augmented.path)
+    augmented.metadata.update(out)
+    return out["dvc_md5"]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def pseudo_label(params_json: str, pipeline_run_id: str, dataset: Input[Dataset],
                  labelled: Output[Dataset]) -> NamedTuple(
         "PseudoLabelOutputs", [("dvc_md5", str), ("labeller", str)]):

@@ -173,6 +173,77 @@ class WeakLabelConfig(_Section):
     n_logged: int = Field(4, ge=0)  # image strips of pseudo masks (ignore band shown) in MLflow
 
 
+class VideoConfig(_Section):
+    """Next-frame model G, its training, key frames, synthesis from stills and label propagation
+    (MISSION section 4). φ is always a *distance* (0 = identical), so θ's hinge pushes the masks of
+    dissimilar frames at least ``gamma2`` apart; d is an image *similarity* (1 = identical)."""
+
+    enabled: bool = True  # false: the synthesize_video step passes the dataset through unchanged
+    architecture: Literal["shared", "separate"] = "shared"  # one encoder + two decoders | two nets
+    mask_sees_next: bool = False  # separate only: the mask net also sees I_t+1 (Î_t+1 in synthesis)
+    base_channels: int = Field(8, ge=4)
+    depth: int = Field(3, ge=1, le=5)
+    image_size: int = Field(64, ge=16)  # multiple of 2**depth
+    image_phi: Literal["l1", "l2", "dice"] = "l1"  # φ of the image loss L_I
+    mask_phi: Literal["l1", "l2", "dice"] = "dice"  # φ of the mask losses L_M1, L_M2 (1 - soft Dice)
+    similarity: Literal["ssim", "l1"] = "ssim"  # d: mean SSIM of gray frames | 1 - mean |I_a - I_b|
+    gamma1: float = Field(0.5, ge=0, le=1)  # d >= gamma1: similar frames, masks must agree
+    gamma2: float = Field(0.3, ge=0, le=1)  # margin: dissimilar frames' masks differ by >= gamma2
+    image_weight: float = Field(1.0, ge=0)  # weights of L_I, L_M1, L_M2 in the summed loss
+    mask1_weight: float = Field(1.0, ge=0)
+    mask2_weight: float = Field(1.0, ge=0)
+    truth_weight: float = Field(1.0, ge=0)  # φ(M_t+1, M̂_t+1) where a true mask exists; 0 = spec only
+    gan_weight: float = Field(0.0, ge=0)  # > 0 adds a patch discriminator on (I_t, Î_t+1)
+    order: Literal["forward", "backward", "fused", "key_centred"] = "key_centred"
+    initial_mask: Literal["key", "random"] = "key"  # M̂_0 at t = 0
+    teacher_forcing: float = Field(0.0, ge=0, le=1)  # P(feed the true M_t instead of M̂_t)
+    clip_length: int = Field(4, ge=2)  # frames per training clip (the rollout back-propagated)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    max_steps: int = Field(60, ge=1)  # stop: whichever of max_steps, loss_threshold, patience first
+    loss_threshold: float | None = Field(None, gt=0)  # on the smoothed total loss
+    patience: int | None = Field(None, ge=1)  # steps without a new best smoothed loss
+    key_frames: Literal["metadata", "auto"] = "metadata"  # metadata falls back to auto if unmarked
+    sharpness_weight: float = Field(1.0, ge=0)  # auto key frames: variance of the Laplacian ...
+    centrality_weight: float = Field(1.0, ge=0)  # ... lesion centroid near the image centre ...
+    brightness_weight: float = Field(1.0, ge=0)  # ... mean brightness near mid-grey
+    synth_steps: int = Field(8, ge=1)  # frames rolled forward from each still
+    keep: Literal["every_k", "dissimilar", "similar"] = "every_k"
+    every_k: int = Field(2, ge=1)
+    keep_threshold: float = Field(0.9, ge=0, le=1)  # d to the last kept frame: < keeps dissimilar
+    mix_ratio: float = Field(0.25, ge=0)  # synthetic frames written per real labelled train frame
+    propagate: bool = True  # roll key-frame masks through train videos with unlabelled frames
+    n_rollouts_logged: int = Field(2, ge=0)  # sample rollouts (image strip + GIF) in MLflow
+
+    @model_validator(mode="after")
+    def _size_fits_depth(self) -> "VideoConfig":
+        if self.image_size % 2**self.depth:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 2**depth = "
+                             f"{2**self.depth}")
+        if self.mask_sees_next and self.architecture != "separate":
+            raise ValueError("mask_sees_next needs architecture: separate (a mask network of its own)")
+        return self
+
+
+class WeakLabelConfig(_Section):
+    """Area-ratio weak labels → pixel pseudo-labels via superpixels + a GCN (MISSION section 2,
+    seed 004; ``lesionflow.weak``). Runs inside the pseudo_label step on ``weak`` train records."""
+
+    enabled: bool = True  # false: weak records pass through the pseudo_label step unlabelled
+    n_superpixels: int = Field(64, ge=2)  # k-means clusters over [FCN features, colour, xy] ...
+    compactness: float = Field(1.0, ge=0)  # ... one grid step of distance costs this much feature
+    kmeans_iters: int = Field(5, ge=1)
+    connectivity: Literal[4, 8] = 4  # pixel neighbourhood that makes two superpixels adjacent
+    sigma: float | None = Field(None, gt=0)  # edge weight exp(-d²/σ²); null: median d per image
+    gcn_hidden: int = Field(32, ge=1)
+    gcn_layers: int = Field(2, ge=1)  # graph propagations
+    count_by: Literal["area", "vertices"] = "area"  # n_fg from pixel area or vertex count
+    default_error: float = Field(0.0, ge=0, lt=1)  # e for records without an area_error
+    epochs: int = Field(4, ge=1)  # re-rank → train rounds (train.batch_size, lr, image_size)
+    gcn_weight: float = Field(1.0, ge=0)  # vertex loss weight next to the pixel loss
+    n_logged: int = Field(4, ge=0)  # image strips of pseudo masks (ignore band shown) in MLflow
+
+
 class EvaluateConfig(_Section):
     threshold: float = Field(0.5, gt=0, lt=1)
     n_overlays: int = Field(8, ge=0)
@@ -195,6 +266,7 @@ class Params(_Section):
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
     weak_label: WeakLabelConfig = WeakLabelConfig()
     meta_train: MetaTrainConfig = MetaTrainConfig()
+    video: VideoConfig = VideoConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
 

@@ -53,3 +53,15 @@ class RegistryError(LesionflowError):
 class WeakLabelError(LesionflowError):
     """Area-ratio weak labelling cannot run on this input (e.g. a record without an area ratio,
     a feature map too small for the requested superpixels)."""
+
+
+class VideoError(LesionflowError):
+    """Video synthesis or label propagation cannot run on the given frames or masks."""
+
+
+class KeyFrameError(VideoError):
+    """A video has no frame with a mask to serve as key frame (nothing to roll masks from)."""
+
+
+class FrameShapeError(VideoError):
+    """Frames, masks or loss inputs disagree in shape or value range."""

@@ -11,12 +11,14 @@ COMPILED = Path(__file__).with_suffix(".yaml")
 
 
 @dsl.pipeline(name="lesionflow",
-              description="ingest → pseudo_label → meta_train → evaluate → register (gated)")
+              description="ingest → synthesize_video → pseudo_label → meta_train → evaluate → register (gated)")
 def lesionflow_pipeline(params_json: str) -> str:
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     ingest = steps.ingest(params_json=params_json, pipeline_run_id=run_id)
+    video = steps.synthesize_video(params_json=params_json, pipeline_run_id=run_id,
+                                   dataset=ingest.outputs["dataset"])
     labels = steps.pseudo_label(params_json=params_json, pipeline_run_id=run_id,
-                                dataset=ingest.outputs["dataset"])
+                                dataset=video.outputs["augmented"])
     train = steps.meta_train(params_json=params_json, pipeline_run_id=run_id,
                              dataset=labels.outputs["labelled"])
     evaluate = steps.evaluate(params_json=params_json, pipeline_run_id=run_id,

@@ -21,6 +21,7 @@ TINY = [
     "train.epochs=3", "train.batch_size=8", "evaluate.n_overlays=2",
     "meta_train.outer_steps=8", "meta_train.rerank_every=4", "meta_train.support_size=4",
     "meta_train.query_size=4", "pseudo_label.hide_masks_fraction=0.3",
+    "video.image_size=32", "video.base_channels=4", "video.depth=2", "video.max_steps=5",
 ]
 
 
@@ -33,8 +34,9 @@ def test_checked_in_yaml_matches_the_code(tmp_path):
 def test_compiled_pipeline_wires_four_steps_on_one_image():
     spec = yaml.safe_load(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "pseudo-label", "meta-train", "evaluate", "register"}
-    assert tasks["pseudo-label"]["dependentTasks"] == ["ingest"]
+    assert set(tasks) == {"ingest", "synthesize-video", "pseudo-label", "meta-train", "evaluate", "register"}
+    assert tasks["synthesize-video"]["dependentTasks"] == ["ingest"]
+    assert tasks["pseudo-label"]["dependentTasks"] == ["synthesize-video"]
     assert tasks["meta-train"]["dependentTasks"] == ["pseudo-label"]
     assert set(tasks["register"]["dependentTasks"]) == {"evaluate", "ingest", "meta-train", "pseudo-label"}
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}

@@ -16,6 +16,7 @@ from lesionflow.steps import ingest as ingest_step
 from lesionflow.steps import meta_train as meta_train_step
 from lesionflow.steps import pseudo_label as pseudo_label_step
 from lesionflow.steps import register as register_step
+from lesionflow.steps import synthesize_video as synthesize_video_step
 
 
 def ingest(params_json: str, pipeline_run_id: str, dataset_path: str) -> dict:
@@ -25,6 +26,14 @@ def ingest(params_json: str, pipeline_run_id: str, dataset_path: str) -> dict:
     print(outcome.report.summary())
     return {"dvc_md5": outcome.version.md5, "n_records": outcome.report.n_records,
             "remote": outcome.version.remote}
+
+
+def synthesize_video(params_json: str, pipeline_run_id: str, dataset_path: str, out_path: str) -> dict:
+    params = config.from_json(params_json)
+    with tracking.step_run(params, "synthesize_video", pipeline_run_id):
+        report = synthesize_video_step.synthesize_video(params, Path(dataset_path), Path(out_path))
+        version = ingest_step.version_and_log(params, Path(out_path))
+    return {"dvc_md5": version.md5, **report.counts}
 
 
 def pseudo_label(params_json: str, pipeline_run_id: str, dataset_path: str, out_path: str) -> dict:

@@ -51,7 +51,9 @@ class PseudoLabelReport:
 def hidden_ids(records: list[Record], fraction: float, seed: int) -> set[str]:
     """Deterministically pick ``fraction`` of the labelled train records whose masks are hidden
     (experiments that measure learning from pseudo-labels against full supervision)."""
-    candidates = sorted(r.id for r in records if r.split == "train" and r.mask is not None)
+    # only true labels are hidden: synthetic videos and propagated masks have no truth behind them
+    candidates = sorted(r.id for r in records if r.split == "train" and r.mask is not None
+                        and r.kind not in ("synthetic_video", "pseudo_label"))
     rng = np.random.default_rng(seed)
     return set(rng.choice(candidates, size=int(round(fraction * len(candidates))), replace=False))
 
@@ -83,10 +85,12 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
         hidden_dice: list[float] = []
         unknown_types: set[str] = set()
         for record in progress(records, "pseudo-label"):
+            (tmp / record.image).parent.mkdir(parents=True, exist_ok=True)  # one folder per synthetic video
             link_or_copy(dataset_dir / record.image, tmp / record.image)
             is_train = record.split == "train"
             keeps_mask = record.mask is not None and record.id not in hidden
             if keeps_mask:
+                (tmp / record.mask).parent.mkdir(parents=True, exist_ok=True)
                 link_or_copy(dataset_dir / record.mask, tmp / record.mask)
             if not is_train:
                 out.append(record)

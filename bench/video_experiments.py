@@ -1,0 +1,208 @@
+"""Video synthesis on real video: CVC-ClinicDB (29 colonoscopy sequences, a mask on every frame),
+split by sequence with the pipeline's own ingest.
+
+    python bench/video_experiments.py propagation [--set video.key=value ...]
+    python bench/video_experiments.py mixin [--set ...]
+
+``propagation``: train G on the training sequences, then on the held-out (val + test) sequences
+hide every mask but the key frame's, roll it through the video, and compare with copying the key
+mask unchanged to every frame (the trivial baseline): Dice per distance from the key frame, at
+each frame's own resolution. Also prints how alike consecutive frames are (d = SSIM).
+
+``mixin``: plain U-Net training on the training frames vs the same plus ``video.mix_ratio``
+synthetic video frames rolled by G from training frames, with the same budget in optimizer
+steps; test-split Dice and temporal consistency (mean Dice of consecutive predicted masks; the
+ground truth's own value is printed for reference).
+
+One CPU thread (the machine is shared); sizes are small (``--size``, default 96²), so absolute
+numbers are low; the comparisons are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from PIL import Image
+
+from lesionflow import config
+from lesionflow.data.fingerprint import compute_fingerprint
+from lesionflow.data.manifest import (
+    FINGERPRINT,
+    link_or_copy,
+    read_manifest,
+    staged_dataset,
+    write_manifest,
+)
+from lesionflow.data.transforms import load_image, load_mask, resize_prob
+from lesionflow.metrics import dice
+from lesionflow.steps.ingest import build_dataset
+from lesionflow.steps.synthesize_video import synthesize_frames
+from lesionflow.steps.train import new_segmenter
+from lesionflow.training import SegmentationDataset, fit, labelled
+from lesionflow.video.losses import similarity
+from lesionflow.video.synthesis import propagate_masks, temporal_consistency
+from lesionflow.video.train import (
+    load_next_frame,
+    load_video,
+    save_next_frame,
+    train_next_frame,
+    video_groups,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LESIONFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+SYNTHESIS_ONLY = {"mix_ratio", "synth_steps", "keep", "every_k", "keep_threshold", "propagate",
+                  "n_rollouts_logged"}
+BUCKETS = [(1, 1), (2, 2), (3, 3), (4, 5), (6, 10), (11, 99)]
+
+
+def load_params(size: int, overrides: list[str]) -> config.Params:
+    base = [f"video.image_size={size}", "video.base_channels=16", "video.depth=3", "video.max_steps=500",
+            "video.key_frames=auto", "video.n_rollouts_logged=0", f"train.image_size={size}",
+            f"ingest.source={SHARED_DATA / 'cvc-clinicdb'}"]
+    return config.load([REPO / "params.yaml", REPO / "configs/cvc-clinicdb.yaml"], base + overrides)
+
+
+def dataset(params: config.Params, work: Path) -> Path:
+    out = work / "cvc"
+    if not (out / "manifest.jsonl").exists():
+        build_dataset(params, out)
+    return out
+
+
+def trained_g(params: config.Params, data: Path, work: Path):
+    """G trained on the training sequences, cached per video config (both experiments share it)."""
+    training = params.video.model_dump_json(exclude=SYNTHESIS_ONLY)
+    path = work / f"G_{hashlib.sha256(training.encode()).hexdigest()[:12]}.pt"
+    if path.exists():
+        return load_next_frame(path)
+    records = read_manifest(data)
+    videos = [load_video(data, name, frames, params.video) for name, frames in video_groups(records).items()]
+    start = time.monotonic()
+    model, result = train_next_frame(videos, params.video, seed=params.seed)
+    print(f"G: {len(videos)} training sequences, {result.steps} steps in {time.monotonic() - start:.0f}s, "
+          f"stop: {result.stop_reason}; final losses " + ", ".join(
+              f"{k} {np.mean([r[k] for r in result.history[-20:]]):.3f}" for k in ("image", "mask1", "mask2", "truth")))
+    save_next_frame(model, path)
+    return model
+
+
+def propagation(params: config.Params, work: Path) -> None:
+    data = dataset(params, work)
+    model = trained_g(params, data, work)
+    records = read_manifest(data)
+    per = defaultdict(lambda: {"model": [], "copy": []})
+    ssim_steps = []
+    for split in ("val", "test"):
+        for name, frames in video_groups(records, split).items():
+            video = load_video(data, name, frames, params.video, hide_masks=True)
+            f = torch.from_numpy(video.frames)
+            ssim_steps += similarity(f[:-1], f[1:], "ssim").tolist()
+            probs = propagate_masks(model, video.frames, video.masks[video.key], video.key)
+            key_truth = load_mask(data, frames[video.key])
+            for t, r in enumerate(frames):
+                if t == video.key:
+                    continue
+                truth = load_mask(data, r)
+                pred = np.asarray(Image.fromarray(probs[t, 0]).resize((r.width, r.height), Image.BILINEAR)) > 0.5
+                dist = abs(t - video.key)
+                bucket = next(b for b in BUCKETS if b[0] <= dist <= b[1])
+                per[bucket]["model"].append(dice(pred, truth))
+                per[bucket]["copy"].append(dice(key_truth, truth))
+    print(f"consecutive held-out frames: SSIM median {np.median(ssim_steps):.3f}, "
+          f"10th pct {np.percentile(ssim_steps, 10):.3f} (at {params.video.image_size}²)")
+    print("distance from key | n   | propagated Dice | copy-key Dice")
+    all_m, all_c = [], []
+    for b in BUCKETS:
+        if per[b]["model"]:
+            m, c = per[b]["model"], per[b]["copy"]
+            all_m += m
+            all_c += c
+            label = f"{b[0]}" if b[0] == b[1] else f"{b[0]}-{b[1]}"
+            print(f"{label:>17} | {len(m):3d} | {np.mean(m):.3f}           | {np.mean(c):.3f}")
+    print(f"{'all':>17} | {len(all_m):3d} | {np.mean(all_m):.3f}           | {np.mean(all_c):.3f}")
+
+
+def _score(model, data: Path, records, threshold: float) -> tuple[float, float, float]:
+    """Test Dice at native size, and temporal consistency of predicted / true masks per sequence."""
+    dices, tc_pred, tc_true = [], [], []
+    for frames in video_groups(records, "test").values():
+        preds, truths = [], []
+        for r in frames:
+            image = model.prepare(load_image(data, r))
+            with torch.no_grad():
+                prob = torch.sigmoid(model(torch.from_numpy(image[None]).float()))[0, 0].numpy()
+            pred = resize_prob(prob, r.height, r.width) > threshold
+            truth = load_mask(data, r)
+            dices.append(dice(pred, truth))
+            preds.append(pred)
+            truths.append(truth)
+        tc_pred.append(temporal_consistency(np.stack(preds)))
+        tc_true.append(temporal_consistency(np.stack(truths)))
+    return float(np.mean(dices)), float(np.mean(tc_pred)), float(np.mean(tc_true))
+
+
+def mixin(params: config.Params, work: Path, epochs: int) -> None:
+    data = dataset(params, work)
+    model = trained_g(params, data, work)
+    records = read_manifest(data)
+    mixed = work / f"cvc_mixed_{params.video.mix_ratio}"
+    if not (mixed / "manifest.jsonl").exists():
+        mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+        with mlflow.start_run(), staged_dataset(mixed) as tmp:
+            for r in records:
+                for rel in (r.image, r.mask):
+                    if rel:
+                        link_or_copy(data / rel, tmp / rel)
+            out = records + synthesize_frames(params, model, data, records, tmp, "cpu")
+            write_manifest(tmp, out)
+            (tmp / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, tmp)))
+    rows = {}
+    n_real = len(labelled(records, "train"))
+    for arm, folder in (("real only", data), (f"real + synthetic (ratio {params.video.mix_ratio})", mixed)):
+        recs = read_manifest(folder)
+        train = labelled(recs, "train")
+        # same budget: as many optimizer steps as `epochs` epochs over the real frames alone
+        arm_epochs = max(1, round(epochs * n_real / len(train)))
+        cfg = params.train.model_copy(update={"epochs": arm_epochs})
+        seg = new_segmenter(params, data)
+        start = time.monotonic()
+        fit(seg, SegmentationDataset(folder, train, seg, augment=True, seed=params.seed),
+            SegmentationDataset(folder, labelled(recs, "val"), seg), cfg, seed=params.seed)
+        rows[arm] = (len(train), arm_epochs, *_score(seg, data, records, params.evaluate.threshold), time.monotonic() - start)
+    print(f"plain U-Net {params.model.base_channels} ch depth {params.model.depth}, {params.train.image_size}², "
+          f"same budget ≈ {epochs} epochs over the {n_real} real frames; test split of CVC")
+    print("arm | train images | epochs | test Dice | temporal consistency (pred) | (truth) | seconds")
+    for arm, (n, e, d, tcp, tct, s) in rows.items():
+        print(f"{arm} | {n} | {e} | {d:.3f} | {tcp:.3f} | {tct:.3f} | {s:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["propagation", "mixin"])
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--epochs", type=int, default=8, help="mixin: budget in epochs over the real frames")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lesionflow-video-exp")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    params = load_params(args.size, args.overrides)
+    if args.experiment == "propagation":
+        propagation(params, args.work)
+    else:
+        mixin(params, args.work, args.epochs)
+
+
+if __name__ == "__main__":
+    main()
