@@ -230,6 +230,18 @@ def test_training_lowers_the_loss_and_obeys_stop_conditions(tiny_dataset):
         train_next_frame([], cfg, seed=0)
 
 
+def test_optional_discriminator_adds_an_adversarial_term(tiny_dataset):
+    from lesionflow.video.train import load_video, video_groups
+
+    params, data = tiny_dataset
+    videos = [load_video(data, n, fr, params.video) for n, fr in video_groups(read_manifest(data)).items()]
+    cfg = params.video.model_copy(update={"max_steps": 3, "gan_weight": 0.1})
+    _, result = train_next_frame(videos, cfg, seed=0)
+    assert all(row["gan"] > 0 for row in result.history)
+    _, plain = train_next_frame(videos, cfg.model_copy(update={"gan_weight": 0.0}), seed=0)
+    assert all(row["gan"] == 0 for row in plain.history)
+
+
 def test_step_propagates_key_masks_and_adds_synthetic_videos(tiny_dataset, tmp_path):
     params, data = tiny_dataset
     params = config.load(None, TINY + ["video.max_steps=5", "video.mix_ratio=0.5", "video.n_rollouts_logged=1"])
