@@ -139,6 +139,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lesionflow.serving import serve
+
+    params = _registry_params(args)
+    cfg = params.serve
+    serve(params.runtime.model_name, args.model or cfg.model, cfg, host=args.host or cfg.host,
+          port=cfg.port if args.port is None else args.port)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lesionflow.export import dataset_items, export, prediction_items
+
+    items = dataset_items(Path(args.dataset)) if args.dataset else prediction_items(Path(args.predictions))
+    print(export(items, args.format, Path(args.out)).summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", cmd_rollback, "move champion back to the previous (or a named) version")
     p.add_argument("--to", help="version number (default: the previous champion)")
     p.add_argument("--why", default="manual rollback")
+    p = add("serve", cmd_serve, "serve a registered version over HTTP (POST /predict, POST /reload)")
+    p.add_argument("--host", help="interface to listen on (default: serve.host)")
+    p.add_argument("--port", type=int, help="port (default: serve.port)")
+    p.add_argument("--model", help="version number or alias (default: serve.model, champion)")
+    p = add("export", cmd_export, "export a dataset or saved predictions as COCO, Pascal VOC or JSON")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", help="a canonical dataset folder (manifest.jsonl)")
+    what.add_argument("--predictions", help="a folder with predictions.jsonl (POST /predict answers)")
+    p.add_argument("--format", required=True, choices=["coco", "voc", "json"])
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     return parser
 
 

@@ -254,6 +254,17 @@ class RegistryConfig(_Section):
     tolerance: float = Field(0.01, ge=0)
 
 
+class ServeConfig(_Section):
+    """``lesionflow serve``: which version answers, where, and the request limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    model: str = "champion"  # alias or version number
+    max_upload_bytes: int = Field(16 * 2**20, ge=1)  # larger bodies get 413
+    min_side: int = Field(8, ge=1)  # image sides outside [min_side, max_side] get 422
+    max_side: int = Field(4096, ge=1)
+
+
 class Params(_Section):
     """The root of ``params.yaml``."""
 
@@ -269,10 +280,12 @@ class Params(_Section):
     video: VideoConfig = VideoConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
 
     def digest(self) -> str:
-        """Stable hash of the tunables (runtime locations excluded: they don't change results)."""
-        payload = self.model_dump(mode="json", exclude={"runtime"})
+        """Stable hash of the tunables (runtime locations and serving excluded: they don't change
+        results)."""
+        payload = self.model_dump(mode="json", exclude={"runtime", "serve"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

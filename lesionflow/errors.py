@@ -65,3 +65,15 @@ class KeyFrameError(VideoError):
 
 class FrameShapeError(VideoError):
     """Frames, masks or loss inputs disagree in shape or value range."""
+
+
+class InvalidImageError(LesionflowError):
+    """Bytes sent for segmentation are not a readable image."""
+
+
+class ImageSizeError(LesionflowError):
+    """An image's sides lie outside the limits the server accepts."""
+
+
+class ExportError(LesionflowError):
+    """A dataset or predictions folder cannot be exported, or an export does not read back."""

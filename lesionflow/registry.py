@@ -12,18 +12,26 @@ from __future__ import annotations
 import getpass
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal, get_args
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.models import get_model_info
 
 from lesionflow.errors import RegistryError
+from lesionflow.models.pyfunc import DEFAULT_THRESHOLD, WEIGHTS, SegmentationModel
+from lesionflow.models.router import LesionTypeRouter
+from lesionflow.models.segmenter import Segmenter
+from lesionflow.models.store import save_model
 
 TAG_DATASET_MD5 = "lesionflow.dataset_md5"
 TAG_GIT_COMMIT = "lesionflow.git_commit"
@@ -33,9 +41,10 @@ TAG_PARENT_VERSION = "lesionflow.parent_version"
 # set when training used pseudo-labels: the labelled dataset and the model that labelled it
 TAG_PSEUDO_DATASET_MD5 = "lesionflow.pseudo_dataset_md5"
 TAG_LABELLER_VERSION = "lesionflow.labeller_version"
+TAG_CORRECTIONS_MD5 = "lesionflow.corrections_md5"  # reviewer corrections trained on ("none")
 METRIC_TAG_PREFIX = "lesionflow.metric."
 LINEAGE_KEYS = (TAG_DATASET_MD5, TAG_GIT_COMMIT, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID, TAG_PARENT_VERSION,
-                TAG_PSEUDO_DATASET_MD5, TAG_LABELLER_VERSION)
+                TAG_PSEUDO_DATASET_MD5, TAG_LABELLER_VERSION, TAG_CORRECTIONS_MD5)
 # The caller must know these; git commit and parent version can be found out here.
 REQUIRED_LINEAGE = (TAG_DATASET_MD5, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID)
 
@@ -54,7 +63,7 @@ def git_commit(repo_dir: str | os.PathLike | None = None) -> str:
     """The code version: HEAD of the checkout, else the SHA baked into the image, else "unknown"."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=False
         )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
@@ -66,12 +75,13 @@ def git_commit(repo_dir: str | os.PathLike | None = None) -> str:
 def _pip_requirements() -> list[str]:
     # Explicit pins: MLflow's requirement inference costs ~5 s per logged model. The local label
     # ("+cpu") is dropped so the pin stays installable from PyPI.
-    import cloudpickle
+    from importlib.metadata import version
 
     return [
         f"torch=={torch.__version__.split('+')[0]}",
-        f"cloudpickle=={cloudpickle.__version__}",
+        f"cloudpickle=={version('cloudpickle')}",
         f"mlflow=={mlflow.__version__}",
+        f"pycocotools=={version('pycocotools')}",
     ]
 
 
@@ -104,10 +114,14 @@ def _alias_version(name: str, alias: str) -> str | None:
 
 
 def register_model(
-    model: torch.nn.Module, *, name: str, lineage: dict[str, str], metrics: dict[str, float]
+    model: Segmenter | LesionTypeRouter, *, name: str, lineage: dict[str, str],
+    metrics: dict[str, float], threshold: float = DEFAULT_THRESHOLD,
 ) -> str:
-    """Log ``model`` in the active run and register it as a new version of ``name``.
+    """Log ``model`` in the active run as a pyfunc and register it as a new version of ``name``.
 
+    The logged model is ``SegmentationModel`` (pre/post-processing and routing inside, mask
+    ``threshold`` in its config) over the weights folder of ``store.save_model`` — weights and
+    hyper-parameters, not a pickle of the module, so renaming code never breaks a stored version.
     Lineage and metrics go on the version (what the registry UI and the gate read) and on the run
     (what the experiment UI shows). ``lineage`` is keyed by the ``TAG_*`` constants; the git commit
     and the parent version (the champion right now, or "none") are filled in when absent.
@@ -129,9 +143,12 @@ def register_model(
         **{k: str(v) for k, v in lineage.items()},
         **{METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in metrics.items()},
     }
-    info = mlflow.pytorch.log_model(
-        model, name="model", serialization_format="pickle", pip_requirements=_pip_requirements()
-    )
+    with tempfile.TemporaryDirectory(prefix="lesionflow-register-") as tmp:
+        save_model(model, Path(tmp) / WEIGHTS)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=SegmentationModel(), artifacts={WEIGHTS: str(Path(tmp) / WEIGHTS)},
+            model_config={"threshold": float(threshold)}, pip_requirements=_pip_requirements(),
+        )
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
     mlflow.set_tags(tags)
     return str(mv.version)
@@ -147,7 +164,7 @@ def version_info(name: str, version: str) -> dict:
         "aliases": list(mv.aliases),
         "run_id": mv.run_id,
         "source": mv.source,
-        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(),
+        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(),
         "tags": dict(mv.tags),
     }
 
@@ -259,7 +276,7 @@ def move_alias(name: str, alias: str, version: str, *, why: str, action: Action)
         from_version=_alias_version(name, alias),
         to_version=version,
         who=_who(),
-        when=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        when=datetime.now(UTC).isoformat(timespec="microseconds"),
         why=why,
         action=action,
     )
@@ -307,23 +324,40 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
     return move_alias(name, CHAMPION, to_version, why=why, action="rollback")
 
 
-def load_model(name: str, ref: str, *, map_location: str | torch.device | None = "cpu") -> torch.nn.Module:
-    """The torch module of version ``ref`` (digits) or alias ``ref`` (e.g. ``champion``).
-
-    Loaded on CPU by default so a model trained on a GPU node still loads on a CPU-only server.
-    """
+def resolve(name: str, ref: str) -> str:
+    """The version number ``ref`` names: itself if digits, else the version alias ``ref`` points at."""
     ref = str(ref)
     if ref.isdigit():
         _check_version(name, ref)
-        uri = f"models:/{name}/{ref}"
-    else:
-        if _alias_version(name, ref) is None:
-            try:
-                aliases = sorted(_client().get_registered_model(name).aliases)
-            except MlflowException:
-                raise RegistryError(f"no registered model named {name!r}") from None
-            raise RegistryError(
-                f"model {name!r} has no alias {ref!r}; existing aliases: {', '.join(aliases) or 'none'}"
-            )
-        uri = f"models:/{name}@{ref}"
-    return mlflow.pytorch.load_model(uri, map_location=map_location)
+        return ref
+    version = _alias_version(name, ref)
+    if version is None:
+        try:
+            aliases = sorted(_client().get_registered_model(name).aliases)
+        except MlflowException:
+            raise RegistryError(f"no registered model named {name!r}") from None
+        raise RegistryError(
+            f"model {name!r} has no alias {ref!r}; existing aliases: {', '.join(aliases) or 'none'}"
+        )
+    return version
+
+
+def load_pyfunc(name: str, ref: str) -> SegmentationModel:
+    """Version ``ref`` (digits or alias) with its pre/post-processing, on CPU.
+
+    Versions registered before the switch to pyfunc hold a pickled torch module (flavor
+    ``pytorch``); they are wrapped in the same ``SegmentationModel`` with the default threshold.
+    """
+    uri = f"models:/{name}/{resolve(name, ref)}"
+    if "pytorch" in get_model_info(uri).flavors:
+        return SegmentationModel.wrap(mlflow.pytorch.load_model(uri, map_location="cpu"))
+    return mlflow.pyfunc.load_model(uri).unwrap_python_model()
+
+
+def load_model(name: str, ref: str) -> Segmenter | LesionTypeRouter:
+    """The ``Segmenter`` or ``LesionTypeRouter`` of version ``ref`` (digits) or alias ``ref``
+    (e.g. ``champion``), for evaluation and pseudo-labelling.
+
+    Loaded on CPU so a model trained on a GPU node still loads on a CPU-only server.
+    """
+    return load_pyfunc(name, ref).model

@@ -6,18 +6,26 @@ whole story against a real `mlflow server` over HTTP.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from lesionflow import registry as reg
 from lesionflow.errors import RegistryError
+from lesionflow.models.pyfunc import confidence, decode_rle
+from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet
 
 LINEAGE = {
@@ -25,7 +33,7 @@ LINEAGE = {
     reg.TAG_PARAMS_HASH: "p-123",
     reg.TAG_PIPELINE_RUN_ID: "kfp-run-1",
 }
-X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255
 
 
 @contextmanager
@@ -52,12 +60,12 @@ def name(store, request):
     return "lesion-" + request.node.name.replace("_", "-")
 
 
-def make_model(seed: int) -> torch.nn.Module:
+def make_model(seed: int) -> Segmenter:
     torch.manual_seed(seed)
-    return UNet(3, 4, 1).eval()
+    return Segmenter(UNet(3, 4, 1), 16, mean=[100.0] * 3, std=[50.0] * 3).eval()
 
 
-def register(exp_id: str, name: str, seed: int, dice: float, **lineage: str) -> tuple[str, torch.nn.Module]:
+def register(exp_id: str, name: str, seed: int, dice: float, **lineage: str) -> tuple[str, Segmenter]:
     model = make_model(seed)
     with mlflow.start_run(experiment_id=exp_id):
         version = reg.register_model(model, name=name, lineage={**LINEAGE, **lineage}, metrics={"dice": dice})
@@ -152,7 +160,7 @@ def test_history_rollback_stack(store, name, monkeypatch):
     ]
     assert hist[0].why == "gate passed v1" and hist[3].why == "v3 drifts"
     assert {m.who for m in hist} == {"alice"} and {m.model for m in hist} == {name}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert all(now - timedelta(minutes=5) < datetime.fromisoformat(m.when) <= now for m in hist)
     assert [(m.alias, m.to_version) for m in reg.history(name, "challenger")] == [("challenger", "1")]
 
@@ -200,6 +208,37 @@ def test_unknown_versions_and_aliases_are_named(store, name):
         reg.rollback(name)
 
 
+def test_version_is_a_pyfunc_over_weights_with_processing_inside(store, name):
+    """The registered artifact is weights + hyper-parameters (no pickled module) and its pyfunc
+    answers encoded image bytes with a mask at the image's own size, equal to the in-memory model."""
+    version, model = register(store, name, seed=5, dice=0.5)
+    uri = f"models:/{name}/{version}"
+    assert set(mlflow.models.get_model_info(uri).flavors) == {"python_function"}
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts(uri)).rglob("*")}
+    assert "segmenter.pt" in files and not {"model.pth", "data"} & files
+
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [buf.getvalue()]}))
+    prob = model.predict_proba([image])[0]
+    mask = decode_rle(out["mask"][0])
+    assert mask.shape == (24, 40) and np.array_equal(mask, prob > 0.5)
+    assert out["confidence"][0] == pytest.approx(confidence(prob, prob > 0.5), abs=1e-6)
+
+
+def test_versions_pickled_before_the_pyfunc_switch_still_load(store, name):
+    model = make_model(6)
+    with mlflow.start_run(experiment_id=store):
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        pip_requirements=["torch"])
+    version = mlflow.register_model(info.model_uri, name).version
+    with torch.no_grad():
+        assert torch.equal(reg.load_model(name, str(version))(X), model(X))
+    wrapped = reg.load_pyfunc(name, str(version))
+    assert wrapped.threshold == 0.5 and wrapped.segment(np.zeros((20, 20, 3), np.uint8)).mask.shape == (20, 20)
+
+
 @pytest.mark.slow
 def test_end_to_end_over_http(mlflow_server, monkeypatch):
     """The whole story on a real tracking server: register, gate, promote, history, rollback, load."""
@@ -207,7 +246,7 @@ def test_end_to_end_over_http(mlflow_server, monkeypatch):
     name = "lesion-e2e"
     with tracking_uri(mlflow_server):
         exp_id = MlflowClient().create_experiment("e2e-train")
-        logged: dict[str, torch.nn.Module] = {}
+        logged: dict[str, Segmenter] = {}
         dices = {"1": 0.70, "2": 0.75, "3": 0.745}
         for seed, dice in enumerate(dices.values(), start=1):
             champ = reg.champion_version(name)

@@ -59,7 +59,7 @@ class Segmenter(nn.Module):
                     "state_dict": self.state_dict()}, path)
 
     @classmethod
-    def load(cls, path: Path, map_location: str = "cpu") -> "Segmenter":
+    def load(cls, path: Path, map_location: str = "cpu") -> Segmenter:
         blob = torch.load(path, map_location=map_location, weights_only=True)
         model = cls(UNet(**blob["hparams"]), blob["image_size"], blob["mean"], blob["std"])
         model.load_state_dict(blob["state_dict"])

@@ -28,8 +28,9 @@ def save_model(model: Segmenter | LesionTypeRouter, out_dir: Path) -> None:
 
 
 def load_model(model_dir: Path) -> Segmenter | LesionTypeRouter:
+    """The saved model in eval mode (batch-norm running statistics), ready for inference."""
     model_dir = Path(model_dir)
     if (model_dir / ROUTER).is_file():
         files = json.loads((model_dir / ROUTER).read_text())
-        return LesionTypeRouter({t: Segmenter.load(model_dir / name) for t, name in files.items()})
-    return Segmenter.load(model_dir / SINGLE)
+        return LesionTypeRouter({t: Segmenter.load(model_dir / name) for t, name in files.items()}).eval()
+    return Segmenter.load(model_dir / SINGLE).eval()

@@ -55,10 +55,10 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.hparams = dict(
-            in_channels=in_channels, base_channels=base_channels, depth=depth,
-            upsample=upsample, dropout=dropout,
-        )
+        self.hparams = {
+            "in_channels": in_channels, "base_channels": base_channels, "depth": depth,
+            "upsample": upsample, "dropout": dropout,
+        }
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.stem = _conv_block(in_channels, widths[0], 0.0)
         self.down = nn.ModuleList(

@@ -24,7 +24,8 @@ class RegisterOutcome:
 
 
 def register(params: Params, model_dir: Path, evaluation: Evaluation, dataset_md5: str,
-             pipeline_run_id: str, *, pseudo_dataset_md5: str, labeller: str) -> RegisterOutcome:
+             pipeline_run_id: str, *, pseudo_dataset_md5: str, labeller: str,
+             corrections_md5: str = "none") -> RegisterOutcome:
     name = params.runtime.model_name
     metric = params.registry.gate_metric
     candidate = evaluation.candidate.table["overall"]
@@ -37,10 +38,11 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, dataset_md
         registry.TAG_PARENT_VERSION: evaluation.champion_version or "none",
         registry.TAG_PSEUDO_DATASET_MD5: pseudo_dataset_md5,
         registry.TAG_LABELLER_VERSION: labeller,
+        registry.TAG_CORRECTIONS_MD5: corrections_md5,
     }
     metrics = {f"{evaluation.split}_{k}": v for k, v in candidate.items() if math.isfinite(v)}
     version = registry.register_model(load_model(model_dir), name=name, lineage=lineage,
-                                      metrics=metrics)
+                                      metrics=metrics, threshold=params.evaluate.threshold)
     registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
     decision = registry.gate(candidate, evaluation.champion.table["overall"] if evaluation.champion else None,
                              metric=metric, tolerance=params.registry.tolerance)
