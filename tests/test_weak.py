@@ -34,7 +34,7 @@ from lesionflow.weak import (
     vertex_labels,
 )
 from lesionflow.weak.step import to_png
-from lesionflow.weak.train import vertex_loss
+from lesionflow.weak.train import boundary_contrast, vertex_loss
 
 # four 2x2 quadrants: 0 | 1 over 2 | 3 — 4-neighbours share a side, 0-3 and 1-2 only a corner
 QUADRANTS = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
@@ -98,6 +98,16 @@ def test_count_rule_by_area_differs_from_vertex_count_on_unequal_superpixels():
     assert (vertex_labels(scores, 0.5, area=area) == FOREGROUND).tolist() == [True, False, False, False]
     # r ± e by area: 0.4 → nearest prefix is vertex 0 (0.5); 0.6 → vertices 0-1 (0.6): 1 is ignored
     assert vertex_labels(scores, 0.5, 0.1, area=area).tolist() == [FOREGROUND, IGNORED, BACKGROUND, BACKGROUND]
+
+
+def test_boundary_prior_ranks_the_region_unlike_any_border_superpixel_first():
+    labels = torch.zeros(6, 6, dtype=torch.long)
+    labels[:, 3:] = 1
+    labels[2:4, 2:4] = 2  # an inner square, touching no border
+    colours = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 2.0, 0.5]])  # black | white | other
+    graph = build_graph(features_of(labels, colours), labels)
+    scores = boundary_contrast(graph, colour=3)
+    assert scores[:2].tolist() == [0, 0] and scores[2] > 0  # border vertices match themselves
 
 
 def test_ignored_pixels_and_vertices_carry_no_loss():

