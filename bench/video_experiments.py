@@ -80,10 +80,14 @@ def dataset(params: config.Params, work: Path) -> Path:
     return out
 
 
+def g_key(params: config.Params) -> str:
+    training = params.video.model_dump_json(exclude=SYNTHESIS_ONLY)
+    return hashlib.sha256(training.encode()).hexdigest()[:12]
+
+
 def trained_g(params: config.Params, data: Path, work: Path):
     """G trained on the training sequences, cached per video config (both experiments share it)."""
-    training = params.video.model_dump_json(exclude=SYNTHESIS_ONLY)
-    path = work / f"G_{hashlib.sha256(training.encode()).hexdigest()[:12]}.pt"
+    path = work / f"G_{g_key(params)}.pt"
     if path.exists():
         return load_next_frame(path)
     records = read_manifest(data)
@@ -156,7 +160,7 @@ def mixin(params: config.Params, work: Path, epochs: int) -> None:
     data = dataset(params, work)
     model = trained_g(params, data, work)
     records = read_manifest(data)
-    mixed = work / f"cvc_mixed_{params.video.mix_ratio}"
+    mixed = work / f"cvc_mixed_{g_key(params)}_{params.video.mix_ratio}"
     if not (mixed / "manifest.jsonl").exists():
         mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
         with mlflow.start_run(), staged_dataset(mixed) as tmp:
