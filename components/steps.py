@@ -15,13 +15,13 @@ from lesionflow import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ingest(params_json: str, pipeline_run_id: str, dataset: Output[Dataset]) -> NamedTuple(
-        "IngestOutputs", [("dvc_md5", str), ("n_records", int)]):
+        "IngestOutputs", [("dvc_md5", str), ("n_records", int), ("corrections_md5", str)]):
     """Source (folder, S3 prefix or synthetic) → canonical dataset, versioned with DVC."""
     from lesionflow.steps import entrypoints
 
     out = entrypoints.ingest(params_json, pipeline_run_id, dataset.path)
     dataset.metadata.update(out)
-    return (out["dvc_md5"], out["n_records"])
+    return (out["dvc_md5"], out["n_records"], out["corrections_md5"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -68,9 +68,9 @@ def evaluate(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], mo
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(params_json: str, pipeline_run_id: str, dataset_md5: str, pseudo_dataset_md5: str,
-             labeller: str, model: Input[Model], report: Input[Dataset]) -> str:
+             labeller: str, corrections_md5: str, model: Input[Model], report: Input[Dataset]) -> str:
     """Register with lineage; move `champion` only if the promotion gate passes."""
     from lesionflow.steps import entrypoints
 
     return entrypoints.register(params_json, pipeline_run_id, model.path, report.path, dataset_md5,
-                                pseudo_dataset_md5, labeller)
+                                pseudo_dataset_md5, labeller, corrections_md5)

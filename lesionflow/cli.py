@@ -39,6 +39,7 @@ def format_summary(summary: dict) -> str:
         "lesionflow run finished",
         f"  pipeline run     {summary['pipeline_run_id']}",
         f"  dataset (DVC)    {summary['dataset_dvc_md5']}",
+        f"  corrections      {summary['corrections_md5']}",
         f"  test metrics     dice {overall['dice']:.3f}  iou {overall['iou']:.3f}  "
         f"hd95 {overall['hd95']:.1f}px  (n={overall['n']})",
     ]
@@ -61,9 +62,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         # Components read the image when their module is imported, which happens just below.
         lesionflow.IMAGE = args.image
-    from pipelines.lesionflow_pipeline import compile_pipeline
+    from pipelines.lesionflow_pipeline import COMPILED, compile_pipeline
 
-    print(compile_pipeline(Path(args.out)) if args.out else compile_pipeline())
+    print(compile_pipeline(Path(args.out or COMPILED), cluster=_load_params(args).cluster))
     return 0
 
 
@@ -71,8 +72,49 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from lesionflow.pipeline_runs import submit
 
     run_id = submit(_load_params(args), host=args.host, experiment=args.experiment,
-                    run_name=args.run_name)
-    print(f"submitted run {run_id} to {args.host}")
+                    run_name=args.run_name, schedule=args.schedule)
+    what = f"recurring run {run_id} ({args.schedule})" if args.schedule else f"run {run_id}"
+    print(f"submitted {what} to {args.host}")
+    return 0
+
+
+def cmd_corrections_add(args: argparse.Namespace) -> int:
+    from lesionflow import corrections
+
+    params = _registry_params(args)
+    version = corrections.add(params, args.source, model_version=args.model_version)
+    print(f"corrections of {params.runtime.model_name}: version {version.md5} holds "
+          f"{version.n_corrections} correction(s) (MLflow run {version.run_id})")
+    return 0
+
+
+def cmd_corrections_status(args: argparse.Namespace) -> int:
+    from lesionflow import retrain
+
+    params = _registry_params(args)
+    decision = retrain.decide(params, args.min_corrections)
+    print(f"{params.runtime.model_name}: {decision.reason}"
+          + (f" (newest corrections version {decision.corrections_md5})" if decision.corrections_md5 else ""))
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """What the schedule runs: start the pipeline only past ``--min-corrections`` new ones."""
+    from lesionflow import retrain
+    from lesionflow.pipeline_runs import run_local, submit
+
+    params = _registry_params(args)
+    decision = retrain.decide(params, args.min_corrections)
+    if not decision.start:
+        print(f"retrain: nothing to do: {decision.reason}")
+        return 0
+    print(f"retrain: starting: {decision.reason}")
+    params = retrain.pinned(params, decision)
+    if args.host:
+        run_id = submit(params, host=args.host, experiment=args.experiment, run_name=args.run_name)
+        print(f"submitted run {run_id} to {args.host}")
+    else:
+        print(format_summary(run_local(params)))
     return 0
 
 
@@ -161,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+    def add(name: str, func, help: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help)
         p.add_argument("--params", nargs="+", default=["params.yaml"], metavar="FILE",
                        help="params files, deep-merged in order (default: params.yaml)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -179,8 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("submit", cmd_submit, "submit the compiled pipeline to a KFP endpoint")
     p.add_argument("--host", required=True)
     p.add_argument("--experiment", default="lesionflow")
-    p.add_argument("--run-name")
+    p.add_argument("--run-name", help="run name (with --schedule: the recurring run's name)")
+    p.add_argument("--schedule", metavar="CRON",
+                   help="create a KFP recurring run on this cron schedule, e.g. '0 3 * * *'")
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
+    p = add("retrain", cmd_retrain,
+            "run the pipeline if enough reviewer corrections arrived since the champion")
+    p.add_argument("--min-corrections", type=int, required=True, metavar="N")
+    p.add_argument("--host", help="KFP endpoint to submit to (default: run locally with kfp.local)")
+    p.add_argument("--experiment", default="lesionflow")
+    p.add_argument("--run-name")
     p = add("ingest", cmd_ingest, "build the canonical dataset only (used by dvc.yaml)")
     p.add_argument("--out", required=True)
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
@@ -203,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--predictions", help="a folder with predictions.jsonl (POST /predict answers)")
     p.add_argument("--format", required=True, choices=["coco", "voc", "json"])
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+
+    corrections = sub.add_parser("corrections", help="reviewers' corrected masks").add_subparsers(
+        dest="action", required=True)
+    p = add("add", cmd_corrections_add, "validate a batch and record a new corrections version",
+            parent=corrections)
+    p.add_argument("--source", required=True,
+                   help="folder or s3:// prefix: images/, masks/, optional corrections.csv")
+    p.add_argument("--model-version",
+                   help="version whose predictions were corrected (else corrections.csv's column)")
+    p = add("status", cmd_corrections_status, "corrections since the champion was trained",
+            parent=corrections)
+    p.add_argument("--min-corrections", type=int, default=1, metavar="N")
     return parser
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lesionflow.errors import ConfigError
 
@@ -154,25 +155,6 @@ class MetaTrainConfig(_Section):
     correction_weight: float = Field(3.0, gt=0)
 
 
-class WeakLabelConfig(_Section):
-    """Area-ratio weak labels → pixel pseudo-labels via superpixels + a GCN (MISSION section 2,
-    seed 004; ``lesionflow.weak``). Runs inside the pseudo_label step on ``weak`` train records."""
-
-    enabled: bool = True  # false: weak records pass through the pseudo_label step unlabelled
-    n_superpixels: int = Field(64, ge=2)  # k-means clusters over [FCN features, colour, xy] ...
-    compactness: float = Field(1.0, ge=0)  # ... one grid step of distance costs this much feature
-    kmeans_iters: int = Field(5, ge=1)
-    connectivity: Literal[4, 8] = 4  # pixel neighbourhood that makes two superpixels adjacent
-    sigma: float | None = Field(None, gt=0)  # edge weight exp(-d²/σ²); null: median d per image
-    gcn_hidden: int = Field(32, ge=1)
-    gcn_layers: int = Field(2, ge=1)  # graph propagations
-    count_by: Literal["area", "vertices"] = "area"  # n_fg from pixel area or vertex count
-    default_error: float = Field(0.0, ge=0, lt=1)  # e for records without an area_error
-    epochs: int = Field(4, ge=1)  # re-rank → train rounds (train.batch_size, lr, image_size)
-    gcn_weight: float = Field(1.0, ge=0)  # vertex loss weight next to the pixel loss
-    n_logged: int = Field(4, ge=0)  # image strips of pseudo masks (ignore band shown) in MLflow
-
-
 class VideoConfig(_Section):
     """Next-frame model G, its training, key frames, synthesis from stills and label propagation
     (MISSION section 4). φ is always a *distance* (0 = identical), so θ's hinge pushes the masks of
@@ -265,6 +247,33 @@ class ServeConfig(_Section):
     max_side: int = Field(4096, ge=1)
 
 
+class CorrectionsConfig(_Section):
+    """Reviewer corrections mixed into the train split by the ingest step (see corrections.py)."""
+
+    dataset: str | None = "latest"  # latest | a corrections dataset version (<md5>.dir) | null: none
+
+    @field_validator("dataset")
+    @classmethod
+    def _latest_or_hash(cls, value: str | None) -> str | None:
+        if value not in (None, "latest") and not re.fullmatch(r"[0-9a-f]{32}\.dir", value):
+            raise ValueError(f"must be latest, null or a DVC directory hash (<32 hex>.dir), got {value!r}")
+        return value
+
+
+class ClusterConfig(_Section):
+    """Kubernetes settings compiled into the pipeline (kfp-kubernetes); ignored by kfp.local."""
+
+    credentials_secret: str | None = "lesionflow-credentials"  # Secret → env of every step
+    secret_env: list[str] = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
+    train_node_selector: dict[str, str] = {}  # e.g. {nvidia.com/gpu.present: "true"}
+    train_gpus: int = Field(0, ge=0)  # GPUs requested by the training steps
+    train_cpu: str | None = None  # e.g. "4": request and limit of the training steps
+    train_memory: str | None = None  # e.g. "16Gi"
+    artifacts_pvc: str | None = None  # mount this PVC at artifacts_mount (else S3 pipeline root)
+    artifacts_mount: str = "/mnt/lesionflow"
+
+
 class Params(_Section):
     """The root of ``params.yaml``."""
 
@@ -281,11 +290,13 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    corrections: CorrectionsConfig = CorrectionsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def digest(self) -> str:
-        """Stable hash of the tunables (runtime locations and serving excluded: they don't change
-        results)."""
-        payload = self.model_dump(mode="json", exclude={"runtime", "serve"})
+        """Stable hash of the tunables (where things run doesn't change results, so runtime,
+        cluster and serve are excluded)."""
+        payload = self.model_dump(mode="json", exclude={"runtime", "cluster", "serve"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

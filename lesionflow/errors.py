@@ -50,9 +50,12 @@ class RegistryError(LesionflowError):
     """A registry request (alias, version, rollback target) cannot be satisfied."""
 
 
-class WeakLabelError(LesionflowError):
-    """Area-ratio weak labelling cannot run on this input (e.g. a record without an area ratio,
-    a feature map too small for the requested superpixels)."""
+class InvalidImageError(LesionflowError):
+    """Bytes sent for segmentation are not a readable image."""
+
+
+class ImageSizeError(LesionflowError):
+    """An image's sides lie outside the limits the server accepts."""
 
 
 class VideoError(LesionflowError):
@@ -67,12 +70,13 @@ class FrameShapeError(VideoError):
     """Frames, masks or loss inputs disagree in shape or value range."""
 
 
-class InvalidImageError(LesionflowError):
-    """Bytes sent for segmentation are not a readable image."""
+class CorrectionError(LesionflowError):
+    """A batch of reviewer corrections is unusable (no mask, no model version); nothing is stored."""
 
 
-class ImageSizeError(LesionflowError):
-    """An image's sides lie outside the limits the server accepts."""
+class WeakLabelError(LesionflowError):
+    """Area-ratio weak labelling cannot run on this input (e.g. a record without an area ratio,
+    a feature map too small for the requested superpixels)."""
 
 
 class ExportError(LesionflowError):

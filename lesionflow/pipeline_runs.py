@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 import warnings
+from pathlib import Path
 
 from lesionflow.config import Params
 from lesionflow.errors import ConfigError
@@ -25,22 +28,46 @@ def run_local(params: Params) -> dict:
     return json.loads(task.output)
 
 
-def submit(params: Params, *, host: str, experiment: str, run_name: str | None = None) -> str:
-    """Submit the checked-in compiled YAML with these params; returns the KFP run id.
+def submit(params: Params, *, host: str, experiment: str, run_name: str | None = None,
+           schedule: str | None = None) -> str:
+    """Compile the pipeline with ``params.cluster`` and submit it with these params: one run, or a
+    recurring run on ``schedule`` (cron). Returns the KFP run or recurring-run id.
 
     Pods have no shared disk with this machine, so the embedded local defaults make no sense on
     a cluster: the tracking server and DVC remote must be named explicitly."""
     import kfp
 
-    from pipelines.lesionflow_pipeline import COMPILED
+    from pipelines.lesionflow_pipeline import compile_pipeline
 
     runtime = params.runtime
     if runtime.mlflow_tracking_uri is None or runtime.mlflow_tracking_uri.startswith("sqlite"):
         raise ConfigError("runtime.mlflow_tracking_uri must name a tracking server (http://…) for cluster runs")
     if runtime.dvc_remote is None or not runtime.dvc_remote.startswith("s3://"):
         raise ConfigError("runtime.dvc_remote must be an s3:// remote for cluster runs")
+    cron = kfp_cron(schedule) if schedule else None
+    arguments = {"params_json": params.model_dump_json()}
     client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_package(
-        str(COMPILED), arguments={"params_json": params.model_dump_json()},
-        experiment_name=experiment, run_name=run_name)
-    return run.run_id
+    with tempfile.TemporaryDirectory(prefix="lesionflow-compile-") as tmp:
+        package = str(compile_pipeline(Path(tmp) / "pipeline.yaml", cluster=params.cluster))
+        if cron is None:
+            run = client.create_run_from_pipeline_package(
+                package, arguments=arguments, experiment_name=experiment, run_name=run_name)
+            return run.run_id
+        experiment_id = client.create_experiment(experiment).experiment_id
+        job = client.create_recurring_run(
+            experiment_id, job_name=run_name or f"{experiment}-schedule", cron_expression=cron,
+            params=arguments, pipeline_package_path=package, max_concurrency=1, no_catchup=True)
+        return job.recurring_run_id
+
+
+def kfp_cron(schedule: str) -> str:
+    """KFP's scheduler takes six cron fields (seconds first); the usual five get ``0`` seconds."""
+    fields = schedule.split()
+    if len(fields) not in (5, 6) or not all(_CRON_FIELD.fullmatch(f) for f in fields):
+        raise ConfigError(f"--schedule {schedule!r} is not a cron expression: five fields "
+                          "(minute hour day-of-month month day-of-week, e.g. '0 3 * * *') or six "
+                          "with seconds first")
+    return " ".join(["0", *fields] if len(fields) == 5 else fields)
+
+
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*?/,\-LW#]+")

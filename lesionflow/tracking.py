@@ -32,17 +32,22 @@ def connect(params: Params) -> str:
         params.runtime.resolved_workdir().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(params.runtime.experiment)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    elif uri.startswith("sqlite:///"):
-        location = (params.runtime.resolved_workdir() / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(params.runtime.experiment, artifact_location=location)
-    else:
-        experiment_id = client.create_experiment(params.runtime.experiment)
+    experiment_id = ensure_experiment(params, params.runtime.experiment)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def ensure_experiment(params: Params, name: str) -> str:
+    """Id of experiment ``name``, created if needed (with the embedded store, artifacts under the
+    workdir rather than ``./mlruns`` of the current directory)."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    if params.runtime.tracking_uri().startswith("sqlite:///"):
+        location = (params.runtime.resolved_workdir() / "mlartifacts").as_uri()
+        return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name)
 
 
 def parent_run_id(params: Params, pipeline_run_id: str) -> str:

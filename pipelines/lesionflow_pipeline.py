@@ -6,31 +6,46 @@ from pathlib import Path
 from kfp import compiler, dsl
 
 from components import steps
+from lesionflow.config import ClusterConfig
+from pipelines.platform import configure
 
 COMPILED = Path(__file__).with_suffix(".yaml")
 
 
-@dsl.pipeline(name="lesionflow",
-              description="ingest → synthesize_video → pseudo_label → meta_train → evaluate → register (gated)")
-def lesionflow_pipeline(params_json: str) -> str:
-    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    ingest = steps.ingest(params_json=params_json, pipeline_run_id=run_id)
-    video = steps.synthesize_video(params_json=params_json, pipeline_run_id=run_id,
-                                   dataset=ingest.outputs["dataset"])
-    labels = steps.pseudo_label(params_json=params_json, pipeline_run_id=run_id,
-                                dataset=video.outputs["augmented"])
-    train = steps.meta_train(params_json=params_json, pipeline_run_id=run_id,
-                             dataset=labels.outputs["labelled"])
-    evaluate = steps.evaluate(params_json=params_json, pipeline_run_id=run_id,
-                              dataset=ingest.outputs["dataset"], model=train.outputs["model"])
-    register = steps.register(params_json=params_json, pipeline_run_id=run_id,
-                              dataset_md5=ingest.outputs["dvc_md5"],
-                              pseudo_dataset_md5=labels.outputs["dvc_md5"],
-                              labeller=labels.outputs["labeller"], model=train.outputs["model"],
-                              report=evaluate.outputs["report"])
-    return register.output
+def build(cluster: ClusterConfig = ClusterConfig()):
+    """The pipeline with ``cluster``'s Kubernetes settings on its tasks (kfp.local ignores them)."""
+
+    @dsl.pipeline(name="lesionflow",
+                  description="ingest → synthesize_video → pseudo_label → meta_train → evaluate → register (gated)")
+    def lesionflow_pipeline(params_json: str) -> str:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        ingest = steps.ingest(params_json=params_json, pipeline_run_id=run_id)
+        video = steps.synthesize_video(params_json=params_json, pipeline_run_id=run_id,
+                                       dataset=ingest.outputs["dataset"])
+        labels = steps.pseudo_label(params_json=params_json, pipeline_run_id=run_id,
+                                    dataset=video.outputs["augmented"])
+        train = steps.meta_train(params_json=params_json, pipeline_run_id=run_id,
+                                 dataset=labels.outputs["labelled"])
+        evaluate = steps.evaluate(params_json=params_json, pipeline_run_id=run_id,
+                                  dataset=ingest.outputs["dataset"], model=train.outputs["model"])
+        register = steps.register(params_json=params_json, pipeline_run_id=run_id,
+                                  dataset_md5=ingest.outputs["dvc_md5"],
+                                  pseudo_dataset_md5=labels.outputs["dvc_md5"],
+                                  labeller=labels.outputs["labeller"],
+                                  corrections_md5=ingest.outputs["corrections_md5"],
+                                  model=train.outputs["model"], report=evaluate.outputs["report"])
+        for task in (ingest, labels, evaluate, register):
+            configure(task, cluster)
+        for task in (video, train):  # the steps that train a network
+            configure(task, cluster, trains=True)
+        return register.output
+
+    return lesionflow_pipeline
 
 
-def compile_pipeline(path: Path = COMPILED) -> Path:
-    compiler.Compiler().compile(lesionflow_pipeline, str(path))
+lesionflow_pipeline = build()
+
+
+def compile_pipeline(path: Path = COMPILED, cluster: ClusterConfig = ClusterConfig()) -> Path:
+    compiler.Compiler().compile(build(cluster), str(path))
     return path

@@ -26,13 +26,13 @@ TINY = [
 
 
 def test_checked_in_yaml_matches_the_code(tmp_path):
-    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml", cluster=config.load(REPO / "params.yaml").cluster)
     assert fresh.read_text() == COMPILED.read_text(), (
         "pipelines/lesionflow_pipeline.yaml is stale: run `lesionflow compile` and commit it")
 
 
-def test_compiled_pipeline_wires_four_steps_on_one_image():
-    spec = yaml.safe_load(COMPILED.read_text())
+def test_compiled_pipeline_wires_the_steps_on_one_image():
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "synthesize-video", "pseudo-label", "meta-train", "evaluate", "register"}
     assert tasks["synthesize-video"]["dependentTasks"] == ["ingest"]
@@ -41,6 +41,10 @@ def test_compiled_pipeline_wires_four_steps_on_one_image():
     assert set(tasks["register"]["dependentTasks"]) == {"evaluate", "ingest", "meta-train", "pseudo-label"}
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {lesionflow.IMAGE}
+    # the default cluster settings: every step gets the credentials Secret as env, nothing else
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])
+    assert all(set(e) == {"secretAsEnv"} for e in executors.values())
 
 
 @pytest.mark.slow

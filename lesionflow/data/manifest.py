@@ -72,6 +72,8 @@ class Record(BaseModel):
     score_method: Literal["tta", "dice", "weak_gcn"] | None = None  # weak_gcn: lesionflow.weak
     quality: Literal["good", "bad"] | None = None
     labelled_by: str | None = Field(None, description="model version that predicted the mask")
+    corrected_from: str | None = Field(
+        None, description="corrections: model version whose prediction the reviewer corrected")
 
 
 def check_fresh(out_dir: Path) -> None:

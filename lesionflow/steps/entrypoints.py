@@ -25,7 +25,8 @@ def ingest(params_json: str, pipeline_run_id: str, dataset_path: str) -> dict:
         outcome = ingest_step.run(params, Path(dataset_path))
     print(outcome.report.summary())
     return {"dvc_md5": outcome.version.md5, "n_records": outcome.report.n_records,
-            "remote": outcome.version.remote}
+            "remote": outcome.version.remote,
+            "corrections_md5": outcome.corrections.md5 if outcome.corrections else "none"}
 
 
 def synthesize_video(params_json: str, pipeline_run_id: str, dataset_path: str, out_path: str) -> dict:
@@ -66,18 +67,20 @@ def evaluate(params_json: str, pipeline_run_id: str, dataset_path: str, model_pa
 
 
 def register(params_json: str, pipeline_run_id: str, model_path: str, report_path: str,
-             dataset_md5: str, pseudo_dataset_md5: str, labeller: str) -> str:
+             dataset_md5: str, pseudo_dataset_md5: str, labeller: str, corrections_md5: str) -> str:
     """Returns the run summary as JSON: the pipeline's output, printed by ``lesionflow run``."""
     params = config.from_json(params_json)
     evaluation = evaluate_step.Evaluation.load(Path(report_path) / evaluate_step.REPORT_FILE)
     with tracking.step_run(params, "register", pipeline_run_id):
         outcome = register_step.register(params, Path(model_path),
                                          evaluation, dataset_md5, pipeline_run_id,
-                                         pseudo_dataset_md5=pseudo_dataset_md5, labeller=labeller)
+                                         pseudo_dataset_md5=pseudo_dataset_md5, labeller=labeller,
+                                         corrections_md5=corrections_md5)
     tracking.finish_pipeline_run(params, pipeline_run_id)
     return json.dumps({
         "pipeline_run_id": pipeline_run_id,
         "dataset_dvc_md5": dataset_md5,
+        "corrections_md5": corrections_md5,
         "model": params.runtime.model_name,
         "version": outcome.version,
         "promoted": outcome.promoted,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import mlflow
 
+from lesionflow import corrections
 from lesionflow.config import MetadataColumns, Params
+from lesionflow.corrections import CorrectionsVersion
 from lesionflow.data import synthetic
 from lesionflow.data.ingest import IngestReport, ingest
 from lesionflow.data.manifest import FINGERPRINT
@@ -19,6 +21,7 @@ from lesionflow.versioning import DatasetVersion, version_dataset
 class IngestOutcome:
     report: IngestReport
     version: DatasetVersion
+    corrections: CorrectionsVersion | None = None
 
 
 def build_dataset(params: Params, out_dir: Path) -> IngestReport:
@@ -48,10 +51,25 @@ def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
 
 
 def run(params: Params, out_dir: Path) -> IngestOutcome:
-    """Build, version and log; the DVC hash becomes the dataset's identity downstream."""
-    report = build_dataset(params, out_dir)
+    """Build (plus the reviewers' corrections ``corrections.dataset`` names), version and log; the
+    DVC hash becomes the dataset's identity downstream."""
+    used = corrections.resolve(params)
+    if used is None:
+        report = build_dataset(params, out_dir)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".ingest-", dir=out_dir.parent) as tmp:
+            report = build_dataset(params, Path(tmp) / "dataset")
+            merged = corrections.merge(Path(tmp) / "dataset",
+                                       corrections.restore(params, used.md5, Path(tmp) / "corrections"),
+                                       out_dir)
+        print(f"corrections {used.md5}: {merged.added} added to train, {merged.replaced} train "
+              f"masks superseded, {len(merged.held_out)} of val/test images kept out")
+        mlflow.log_metrics({"corrections_added": merged.added, "corrections_replaced": merged.replaced,
+                            "corrections_held_out": len(merged.held_out)})
+    mlflow.set_tag(corrections.TAG_MD5, used.md5 if used else corrections.NONE)
     version = version_and_log(params, out_dir)
     mlflow.log_param("ingest.source", params.ingest.source)
     mlflow.log_metrics({"n_records": report.n_records, "n_skipped": len(report.skipped)})
     mlflow.log_dict(report.model_dump(mode="json"), "ingest_report.json")
-    return IngestOutcome(report, version)
+    return IngestOutcome(report, version, used)

@@ -8,6 +8,7 @@ import mlflow
 
 from lesionflow.config import Params
 from lesionflow.data.manifest import read_fingerprint, read_manifest
+from lesionflow.meta import sample_weights
 from lesionflow.models import build_model
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import save_model
@@ -58,8 +59,10 @@ def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
     """Fit on ``train``, select on ``val``, save the model to ``out_dir``; log to the active run."""
     records = read_manifest(dataset_dir)
     model = new_segmenter(params, dataset_dir)
-    train_set = SegmentationDataset(dataset_dir, labelled(records, "train"), model,
-                                    augment=params.train.augment, seed=params.seed)
+    train_records = labelled(records, "train")
+    weights = sample_weights([r.kind for r in train_records], params.meta_train.correction_weight)
+    train_set = SegmentationDataset(dataset_dir, train_records, model, augment=params.train.augment,
+                                    seed=params.seed, sample_weights=list(weights))
     val_set = SegmentationDataset(dataset_dir, labelled(records, "val"), model)
     mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
     mlflow.log_params({f"train.{k}": v for k, v in params.train.model_dump().items()})
