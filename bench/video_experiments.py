@@ -156,12 +156,12 @@ def _score(model, data: Path, records, threshold: float) -> tuple[float, float, 
     return float(np.mean(dices)), float(np.mean(tc_pred)), float(np.mean(tc_true))
 
 
-def mixin(params: config.Params, work: Path, epochs: int) -> None:
+def mixin(params: config.Params, work: Path, epochs: int, seeds: list[int]) -> None:
     data = dataset(params, work)
-    model = trained_g(params, data, work)
     records = read_manifest(data)
     mixed = work / f"cvc_mixed_{g_key(params)}_{params.video.mix_ratio}"
     if not (mixed / "manifest.jsonl").exists():
+        model = trained_g(params, data, work)
         mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
         with mlflow.start_run(), staged_dataset(mixed) as tmp:
             for r in records:
@@ -171,24 +171,29 @@ def mixin(params: config.Params, work: Path, epochs: int) -> None:
             out = records + synthesize_frames(params, model, data, records, tmp, "cpu")
             write_manifest(tmp, out)
             (tmp / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, tmp)))
-    rows = {}
+    rows = defaultdict(list)
     n_real = len(labelled(records, "train"))
-    for arm, folder in (("real only", data), (f"real + synthetic (ratio {params.video.mix_ratio})", mixed)):
-        recs = read_manifest(folder)
-        train = labelled(recs, "train")
-        # same budget: as many optimizer steps as `epochs` epochs over the real frames alone
-        arm_epochs = max(1, round(epochs * n_real / len(train)))
-        cfg = params.train.model_copy(update={"epochs": arm_epochs})
-        seg = new_segmenter(params, data)
-        start = time.monotonic()
-        fit(seg, SegmentationDataset(folder, train, seg, augment=True, seed=params.seed),
-            SegmentationDataset(folder, labelled(recs, "val"), seg), cfg, seed=params.seed)
-        rows[arm] = (len(train), arm_epochs, *_score(seg, data, records, params.evaluate.threshold), time.monotonic() - start)
+    for seed in seeds:
+        for arm, folder in (("real only", data), (f"real + synthetic (ratio {params.video.mix_ratio})", mixed)):
+            recs = read_manifest(folder)
+            train = labelled(recs, "train")
+            # same budget: as many optimizer steps as `epochs` epochs over the real frames alone
+            arm_epochs = max(1, round(epochs * n_real / len(train)))
+            cfg = params.train.model_copy(update={"epochs": arm_epochs})
+            torch.manual_seed(seed)  # both arms start from the same initial weights
+            seg = new_segmenter(params, data)
+            fit(seg, SegmentationDataset(folder, train, seg, augment=True, seed=seed),
+                SegmentationDataset(folder, labelled(recs, "val"), seg), cfg, seed=seed)
+            rows[arm].append((len(train), arm_epochs, *_score(seg, data, records, params.evaluate.threshold)))
+            print(f"seed {seed} | {arm} | test Dice {rows[arm][-1][2]:.3f} | temporal consistency {rows[arm][-1][3]:.3f}")
     print(f"plain U-Net {params.model.base_channels} ch depth {params.model.depth}, {params.train.image_size}², "
-          f"same budget ≈ {epochs} epochs over the {n_real} real frames; test split of CVC")
-    print("arm | train images | epochs | test Dice | temporal consistency (pred) | (truth) | seconds")
-    for arm, (n, e, d, tcp, tct, s) in rows.items():
-        print(f"{arm} | {n} | {e} | {d:.3f} | {tcp:.3f} | {tct:.3f} | {s:.0f}")
+          f"same budget ≈ {epochs} epochs over the {n_real} real frames; test split of CVC; seeds {seeds}")
+    print("arm | train images | epochs | test Dice mean (min–max) | temporal consistency pred mean (min–max) | truth")
+    for arm, runs in rows.items():
+        n, e, _, _, tct = runs[0]
+        d, tc = np.array([r[2] for r in runs]), np.array([r[3] for r in runs])
+        print(f"{arm} | {n} | {e} | {d.mean():.3f} ({d.min():.3f}–{d.max():.3f}) | "
+              f"{tc.mean():.3f} ({tc.min():.3f}–{tc.max():.3f}) | {tct:.3f}")
 
 
 def main() -> None:
@@ -196,6 +201,7 @@ def main() -> None:
     parser.add_argument("experiment", choices=["propagation", "mixin"])
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=8, help="mixin: budget in epochs over the real frames")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="mixin: training seeds")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lesionflow-video-exp")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args()
@@ -205,7 +211,7 @@ def main() -> None:
     if args.experiment == "propagation":
         propagation(params, args.work)
     else:
-        mixin(params, args.work, args.epochs)
+        mixin(params, args.work, args.epochs, args.seeds)
 
 
 if __name__ == "__main__":
