@@ -222,6 +222,7 @@ class WeakLabelConfig(_Section):
     count_by: Literal["area", "vertices"] = "area"  # n_fg from pixel area or vertex count
     default_error: float = Field(0.0, ge=0, lt=1)  # e for records without an area_error
     epochs: int = Field(4, ge=1)  # re-rank → train rounds (train.batch_size, lr, image_size)
+    labelled_per_weak: float = Field(4.0, ge=0)  # labelled train records sampled per weak one
     gcn_weight: float = Field(1.0, ge=0)  # vertex loss weight next to the pixel loss
     n_logged: int = Field(4, ge=0)  # image strips of pseudo masks (ignore band shown) in MLflow
 

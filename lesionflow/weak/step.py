@@ -3,8 +3,9 @@
 
 The weak model starts from the labelling champion when it is a single ``Segmenter`` (its head
 ranks the first epoch's superpixels), otherwise from scratch (the boundary prior ranks them); it
-trains on the weak records together with every labelled train record, so mixed supervision uses
-all it has. Masks are written at each image's own size with 0 / 255 / ``IGNORE_VALUE``; the
+trains on the weak records together with a seeded sample of ``labelled_per_weak`` labelled train
+records per weak one: full masks anchor it, and the step's cost grows with the weak records, not
+with the dataset (the meta_train step trains the real model on everything afterwards). Masks are written at each image's own size with 0 / 255 / ``IGNORE_VALUE``; the
 record's ``score`` is the agreement of the network's own prediction with the painted lesion
 (``score_method: weak_gcn``), so the step's good/bad cut applies to weak labels too.
 """
@@ -74,7 +75,10 @@ def label_weak_records(params: Params, source_dir: Path, dataset_dir: Path, reco
         return records, None
     pretrained = isinstance(champion, Segmenter)
     model = copy.deepcopy(champion) if pretrained else new_segmenter(params, source_dir)
-    data = WeakTrainingSet(dataset_dir, labelled(records, "train"), weak, model, cfg.default_error,
+    pool = labelled(records, "train")
+    rng = np.random.default_rng(params.seed)
+    keep = sorted(rng.choice(len(pool), min(len(pool), round(cfg.labelled_per_weak * len(weak))), replace=False))
+    data = WeakTrainingSet(dataset_dir, [pool[i] for i in keep], weak, model, cfg.default_error,
                            augment=params.train.augment, seed=params.seed)
     val_records = labelled(records, "val")
     val = SegmentationDataset(dataset_dir, val_records, model) if val_records else None
