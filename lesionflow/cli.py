@@ -78,6 +78,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weaken(args: argparse.Namespace) -> int:
+    from lesionflow.data.weaken import weaken
+
+    records = weaken(args.dataset, args.out, fraction=args.fraction, noise=args.noise, seed=args.seed)
+    n_weak = sum(r.kind == "weak" for r in records)
+    print(f"{args.out}: {n_weak} of {len(records)} records are now area-ratio weak labels "
+          f"(noise ±{args.noise:g})")
+    return 0
+
+
 def cmd_corrections_add(args: argparse.Namespace) -> int:
     from lesionflow import corrections
 
@@ -253,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--predictions", help="a folder with predictions.jsonl (POST /predict answers)")
     p.add_argument("--format", required=True, choices=["coco", "voc", "json"])
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+
+    p = sub.add_parser("weaken", help="turn a labelled dataset's train masks into area-ratio weak "
+                       "labels (to measure weak supervision against full)")
+    p.add_argument("--dataset", required=True, help="a canonical dataset (e.g. from lesionflow ingest)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--fraction", type=float, default=1.0, help="share of train masks to weaken")
+    p.add_argument("--noise", type=float, default=0.0, help="uniform ± noise on each ratio, also "
+                   "recorded as its estimate error")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_weaken)
 
     corrections = sub.add_parser("corrections", help="reviewers' corrected masks").add_subparsers(
         dest="action", required=True)

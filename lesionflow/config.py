@@ -246,6 +246,7 @@ class ServeConfig(_Section):
     max_upload_bytes: int = Field(16 * 2**20, ge=1)  # larger bodies get 413
     min_side: int = Field(8, ge=1)  # image sides outside [min_side, max_side] get 422
     max_side: int = Field(4096, ge=1)
+    follow_seconds: float | None = Field(30, gt=0)  # re-resolve the alias this often; null: only /reload
 
 
 class CorrectionsConfig(_Section):

@@ -16,6 +16,7 @@ cannot re-resolve the alias without a restart. Here the same pyfunc does the wor
 ``GET /ping``      200 once a model is loaded.
 ``POST /reload``   re-resolve the alias and load what it points at now (after a promotion or a
                    ``lesionflow rollback``); requests in flight finish on the model they started on.
+                   Without it, the server checks the alias every ``serve.follow_seconds`` anyway.
 
 Bad requests: 400 unreadable image / malformed JSON / bad ``mask_format``; 413 body larger than
 ``serve.max_upload_bytes``; 415 unsupported ``Content-Type``; 422 image sides outside
@@ -29,6 +30,7 @@ import base64
 import binascii
 import json
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException, Request
@@ -74,6 +76,20 @@ class ModelSlot:
         with self._lock:
             before, self.current = self.current, self._load()
             return before, self.current
+
+
+def follow(slot: ModelSlot, every: float, stop: threading.Event) -> None:
+    """Keep serving what the alias points at: a promotion or a rollback reaches the server within
+    ``every`` seconds, with no restart and no one calling /reload."""
+    while not stop.wait(every):
+        try:
+            if registry.resolve(slot.name, slot.ref) != slot.current.version:
+                before, after = slot.reload()
+                print(f"{slot.name}@{slot.ref} moved: now serving v{after.version} "
+                      f"(was v{before.version})", flush=True)
+        except Exception as err:  # e.g. the tracking server is restarting: keep serving, retry
+            print(f"could not follow {slot.name}@{slot.ref} ({err}); still serving "
+                  f"v{slot.current.version}", flush=True)
 
 
 def _error(status: int, detail: str) -> HTTPException:
@@ -122,7 +138,16 @@ def _parse(content_type: str, body: bytes, query: dict) -> tuple[bytes, str | No
 def create_app(name: str, ref: str, cfg: ServeConfig) -> FastAPI:
     """The app serving version or alias ``ref`` of registered model ``name``."""
     slot = ModelSlot(name, ref)
-    app = FastAPI(title="lesionflow", summary=f"lesion segmentation with {name}@{ref}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = threading.Event()
+        if cfg.follow_seconds and not ref.isdigit():  # a pinned version number has nothing to follow
+            threading.Thread(target=follow, args=(slot, cfg.follow_seconds, stop), daemon=True).start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="lesionflow", summary=f"lesion segmentation with {name}@{ref}", lifespan=lifespan)
     app.state.slot = slot
 
     def describe(served: Served) -> dict:

@@ -12,15 +12,15 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from PIL import Image
 
-from lesionflow import config, registry
+from lesionflow import config, registry, tracking
 from lesionflow.data import synthetic
 from tests.conftest import REPO, free_port, wait_http
 from tests.test_pipeline import TINY
@@ -31,7 +31,7 @@ def lesionflow(workdir: Path, *args: str, extra: tuple[str, ...] = ()) -> str:
     sets = [f"runtime.workdir={workdir}", *TINY, *extra]
     cmd = [sys.executable, "-m", "lesionflow.cli", *args, "--params", str(REPO / "params.yaml")]
     cmd += [item for s in sets for item in ("--set", s)]
-    proc = subprocess.run(cmd, cwd=workdir.parent, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=workdir.parent, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -39,6 +39,11 @@ def lesionflow(workdir: Path, *args: str, extra: tuple[str, ...] = ()) -> str:
 def post(url: str, body: bytes, content_type: str) -> dict:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
 
 
@@ -71,7 +76,8 @@ def test_serve_correct_retrain_rollback(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "lesionflow.cli", "serve", "--port", str(port), "--params",
-         str(REPO / "params.yaml"), "--set", f"runtime.workdir={workdir}"],
+         str(REPO / "params.yaml"), "--set", f"runtime.workdir={workdir}",
+         "--set", "serve.follow_seconds=1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -99,18 +105,18 @@ def test_serve_correct_retrain_rollback(tmp_path):
         assert "registered       lesionflow-segmenter v2" in retrained
         assert "champion         v2" in retrained
 
-        mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-        try:
-            tags = registry.version_info("lesionflow-segmenter", "2")["tags"]
-        finally:
-            mlflow.set_tracking_uri(None)
+        tracking.connect(config.load(REPO / "params.yaml", [f"runtime.workdir={workdir}"]))
+        tags = registry.version_info("lesionflow-segmenter", "2")["tags"]
         assert tags[registry.TAG_CORRECTIONS_MD5] == corrections_md5
         assert tags[registry.TAG_PARENT_VERSION] == "1"
         # nothing new since v2 was trained on all six
         assert "nothing to do: 0 new correction(s) since champion v2" in lesionflow(
             workdir, "retrain", "--min-corrections", "1")
 
-        assert post(f"{base}/reload", b"", "application/json")["version"] == "2"
+        # the server follows the promotion on its own (serve.follow_seconds)
+        deadline = time.time() + 60
+        while get(f"{base}/health")["version"] != "2" and time.time() < deadline:
+            time.sleep(0.5)
         assert post(f"{base}/predict", stills[0].read_bytes(), "image/png")["version"] == "2"
         assert "v2 → v1" in lesionflow(workdir, "rollback")
         post(f"{base}/reload", b"", "application/json")

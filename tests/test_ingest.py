@@ -191,6 +191,11 @@ def test_video_frames_with_key_frames(tmp_path, out):
     assert [r.mask is not None for r in v1] == [True, False, False, True, False]
     assert len({r.split for r in v1}) == 1
     assert [by_id[f"v2_f{t}"].frame_index for t in range(5)] == list(range(5))
+    # one folder per video, the file where the record says
+    assert {r.image.rsplit("/", 1)[0] for r in v1} == {"images/vid1"}
+    assert all((out / r.image).is_file() for r in by_id.values())
+    assert by_id["v1_f0"].mask == "masks/vid1/v1_f0.png" and (out / by_id["v1_f0"].mask).is_file()
+    assert by_id["still_a"].image == "images/still_a.png"
     assert by_id["still_a"].kind == "still" and by_id["still_a"].frame_index is None
     assert {r.split for r in by_id.values()} == {"train", "val", "test"}
 

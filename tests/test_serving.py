@@ -65,7 +65,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     overrides = [f"runtime.workdir={root}", f"runtime.mlflow_tracking_uri=sqlite:///{root / 'mlflow.db'}",
                  "runtime.model_name=served", f"serve.max_upload_bytes={MAX_BYTES}",
-                 f"serve.max_side={MAX_SIDE}"]
+                 f"serve.max_side={MAX_SIDE}", "serve.follow_seconds=null"]  # /reload only
     params = config.load(REPO / "params.yaml", overrides)
     old_uri = mlflow.get_tracking_uri()
     tracking.connect(params)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lesionflow import config
+from lesionflow import config, tracking
 from lesionflow.data.manifest import read_manifest, write_manifest
 from lesionflow.errors import ConfigError, FrameShapeError, KeyFrameError
 from lesionflow.steps.ingest import build_dataset
@@ -251,7 +251,7 @@ def test_step_propagates_key_masks_and_adds_synthetic_videos(tiny_dataset, tmp_p
     assert hidden
     write_manifest(data, [r.model_copy(update={"mask": None, "mask_sha256": None}) if r.id in hidden else r
                           for r in records])
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.connect(config.load(None, [f"runtime.workdir={tmp_path}"]))  # a fresh store + experiment
     with mlflow.start_run() as run:
         report = synthesize_video(params, data, tmp_path / "out")
     out = read_manifest(tmp_path / "out")
@@ -275,7 +275,7 @@ def test_step_propagates_key_masks_and_adds_synthetic_videos(tiny_dataset, tmp_p
 def test_step_passes_the_dataset_through_when_disabled(tiny_dataset, tmp_path):
     _, data = tiny_dataset
     params = config.load(None, TINY + ["video.enabled=false"])
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.connect(config.load(None, [f"runtime.workdir={tmp_path}"]))  # a fresh store + experiment
     with mlflow.start_run():
         report = synthesize_video(params, data, tmp_path / "out")
     assert "passed through" in report.message

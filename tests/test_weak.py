@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesionflow import config, tracking
+from lesionflow import cli, config, tracking
 from lesionflow.data.manifest import IGNORE_VALUE, read_manifest
 from lesionflow.data.transforms import load_mask, load_target
 from lesionflow.data.weaken import weaken
@@ -178,6 +178,12 @@ def test_weaken_keeps_true_ratios_and_leaves_val_test_alone(weak_project, tmp_pa
         weaken(dataset, tmp_path / "x", splits=["training"])
     with pytest.raises(WeakLabelError, match="fraction"):
         weaken(dataset, tmp_path / "y", fraction=1.5)
+    # the command line: same function, named error instead of a traceback
+    assert cli.main(["weaken", "--dataset", str(dataset), "--out", str(tmp_path / "z"),
+                     "--fraction", "0.5"]) == 0
+    assert sum(r.kind == "weak" for r in read_manifest(tmp_path / "z")) < len(weakened) + sum(
+        r.kind == "weak" for r in before.values())
+    assert cli.main(["weaken", "--dataset", str(dataset), "--out", str(tmp_path / "z")]) == 2
 
 
 def test_pseudo_label_step_turns_weak_records_into_ignore_aware_pseudo_labels(weak_project, tmp_path):

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -530,6 +531,20 @@ def _build_records(converted: list[tuple[_Item, _Converted]], cfg: IngestConfig,
     return sorted(records, key=lambda r: r.id), merged
 
 
+def _into_video_folder(record: Record, dataset_dir: Path) -> Record:
+    """Frames move to one folder per video: a video is browsed, fetched and reviewed as a unit."""
+    folder = re.sub(r"[^A-Za-z0-9._-]", "_", record.group)
+    moved = {}
+    for field in ("image", "mask"):
+        rel = getattr(record, field)
+        if rel is not None:
+            top, name = rel.split("/", 1)
+            moved[field] = f"{top}/{folder}/{name}"
+            (dataset_dir / moved[field]).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(dataset_dir / rel, dataset_dir / moved[field])
+    return record.model_copy(update=moved)
+
+
 def _check_out_dir(out_dir: Path) -> None:
     try:
         check_fresh(out_dir)
@@ -562,6 +577,7 @@ def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | N
                 raise EmptySourceError(f"every file of ingest source {display_root} was skipped: "
                                        + "; ".join(s["reason"] for s in problems.skipped[:3]))
             records, merged = _build_records(converted, cfg, seed)
+            records = [_into_video_folder(r, tmp) if r.kind == "video_frame" else r for r in records]
             report = IngestReport(
                 n_records=len(records),
                 counts={

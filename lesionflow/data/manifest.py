@@ -5,7 +5,8 @@ A dataset is a directory::
     manifest.jsonl     one Record per line, sorted by id (deterministic: same input, same DVC hash)
     fingerprint.json   sizes, intensities, lesion areas, counts per type (see ``fingerprint.py``)
     images/<id>.png    8-bit RGB or grayscale
-    masks/<id>.png     8-bit, 0 = background, 255 = lesion (absent for unlabelled/weak records),
+    masks/<id>.png     8-bit, 0 = background, 255 = lesion (absent for unlabelled/weak records)
+    images/<video>/<id>.png, masks/<video>/<id>.png   video frames: one folder per video,
                        128 = ignore (``IGNORE_VALUE``: only in pseudo-labels from area ratios, where
                        the pixels of vertices ranked between the r-e and r+e bounds are unlabelled)
 
@@ -106,6 +107,7 @@ def staged_dataset(out_dir: Path) -> Iterator[Path]:
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
     """Hard-link a dataset file (datasets are immutable, so sharing inodes is safe and free);
     copy where links are impossible (another filesystem, or not permitted)."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)  # video frames live in a folder per video
     try:
         os.link(src, dst)
     except OSError:

@@ -21,6 +21,7 @@ from lesionflow.data.fingerprint import compute_fingerprint
 from lesionflow.data.manifest import (
     FINGERPRINT,
     Record,
+    check_fresh,
     link_or_copy,
     read_manifest,
     staged_dataset,
@@ -50,6 +51,10 @@ def weaken(dataset_dir: str | Path, out_dir: str | Path, *, splits: Sequence[str
     chosen = set(rng.choice(candidates, size=round(fraction * len(candidates)), replace=False).tolist()
                  if candidates else [])
     out: list[Record] = []
+    try:
+        check_fresh(Path(out_dir))
+    except FileExistsError as err:
+        raise WeakLabelError(str(err)) from None
     with staged_dataset(Path(out_dir)) as tmp:
         for record in records:
             link_or_copy(dataset_dir / record.image, tmp / record.image)
