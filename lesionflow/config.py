@@ -193,7 +193,7 @@ class VideoConfig(_Section):
     keep: Literal["every_k", "dissimilar", "similar"] = "every_k"
     every_k: int = Field(2, ge=1)
     keep_threshold: float = Field(0.9, ge=0, le=1)  # d to the last kept frame: < keeps dissimilar
-    mix_ratio: float = Field(0.25, ge=0)  # synthetic frames written per real labelled train frame
+    mix_ratio: float = Field(0.1, ge=0)  # synthetic frames written per real labelled train frame
     propagate: bool = True  # roll key-frame masks through train videos with unlabelled frames
     n_rollouts_logged: int = Field(2, ge=0)  # sample rollouts (image strip + GIF) in MLflow
 
