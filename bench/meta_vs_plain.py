@@ -38,14 +38,14 @@ import mlflow
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesionflow import config, registry, tracking  # noqa: E402
-from lesionflow.data.manifest import read_manifest  # noqa: E402
-from lesionflow.models.store import load_model  # noqa: E402
-from lesionflow.steps import meta_train as meta_train_step  # noqa: E402
-from lesionflow.steps.evaluate import score_model  # noqa: E402
-from lesionflow.steps.ingest import build_dataset  # noqa: E402
-from lesionflow.steps.pseudo_label import pseudo_label  # noqa: E402
-from lesionflow.training import labelled  # noqa: E402
+from lesionflow import config, registry, tracking
+from lesionflow.data.manifest import read_manifest
+from lesionflow.models.store import load_model
+from lesionflow.steps import meta_train as meta_train_step
+from lesionflow.steps.evaluate import score_model
+from lesionflow.steps.ingest import build_dataset
+from lesionflow.steps.pseudo_label import pseudo_label
+from lesionflow.training import labelled
 
 DATA = REPO.parent / "shared" / "data"
 

@@ -24,10 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesionflow import config, tracking  # noqa: E402
-from lesionflow.models import build_model  # noqa: E402
-from lesionflow.models.segmenter import Segmenter  # noqa: E402
-from lesionflow.pipeline_runs import run_local  # noqa: E402
+from lesionflow import config, tracking
+from lesionflow.models import build_model
+from lesionflow.models.segmenter import Segmenter
+from lesionflow.pipeline_runs import run_local
 
 REAL_TIME_FPS = 30.0
 

@@ -10,8 +10,8 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from lesionflow import config  # noqa: E402
-from lesionflow.errors import LesionflowError  # noqa: E402
+from lesionflow import config
+from lesionflow.errors import LesionflowError
 
 
 def _load_params(args: argparse.Namespace) -> config.Params:

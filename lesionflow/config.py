@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lesionflow.errors import ConfigError
 
@@ -60,7 +67,7 @@ class SplitFractions(_Section):
     test: float = Field(0.15, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitFractions":
+    def _sum_to_one(self) -> SplitFractions:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must sum to 1, got {total:g}")
@@ -129,7 +136,7 @@ class PseudoLabelConfig(_Section):
     hide_masks_fraction: float = Field(0.0, ge=0, lt=1)  # experiments: unlabel part of train
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "PseudoLabelConfig":
+    def _one_rule(self) -> PseudoLabelConfig:
         if (self.threshold is None) == (self.quantile is None):
             raise ValueError("set exactly one of threshold or quantile")
         return self
@@ -198,7 +205,7 @@ class VideoConfig(_Section):
     n_rollouts_logged: int = Field(2, ge=0)  # sample rollouts (image strip + GIF) in MLflow
 
     @model_validator(mode="after")
-    def _size_fits_depth(self) -> "VideoConfig":
+    def _size_fits_depth(self) -> VideoConfig:
         if self.image_size % 2**self.depth:
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2**depth = "
                              f"{2**self.depth}")

@@ -7,7 +7,8 @@ so off a terminal the bar refreshes at most every 15 s: long steps still show th
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from tqdm import tqdm
 

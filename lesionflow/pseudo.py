@@ -11,8 +11,8 @@ Scorers are small named callables (MONAI Label style), picked by ``pseudo_label.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

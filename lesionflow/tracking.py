@@ -8,8 +8,8 @@ step that needs it. Reviewers then see each pipeline run as one expandable row i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient

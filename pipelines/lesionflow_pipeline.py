@@ -12,8 +12,9 @@ from pipelines.platform import configure
 COMPILED = Path(__file__).with_suffix(".yaml")
 
 
-def build(cluster: ClusterConfig = ClusterConfig()):
+def build(cluster: ClusterConfig | None = None):
     """The pipeline with ``cluster``'s Kubernetes settings on its tasks (kfp.local ignores them)."""
+    cluster = cluster or ClusterConfig()
 
     @dsl.pipeline(name="lesionflow",
                   description="ingest → synthesize_video → pseudo_label → meta_train → evaluate → register (gated)")
@@ -46,6 +47,6 @@ def build(cluster: ClusterConfig = ClusterConfig()):
 lesionflow_pipeline = build()
 
 
-def compile_pipeline(path: Path = COMPILED, cluster: ClusterConfig = ClusterConfig()) -> Path:
+def compile_pipeline(path: Path = COMPILED, cluster: ClusterConfig | None = None) -> Path:
     compiler.Compiler().compile(build(cluster), str(path))
     return path

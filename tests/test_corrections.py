@@ -12,7 +12,13 @@ import pytest
 from PIL import Image
 
 from lesionflow import cli, config, corrections, registry, retrain, tracking
-from lesionflow.data.manifest import Record, read_manifest, staged_dataset, write_manifest, write_png
+from lesionflow.data.manifest import (
+    Record,
+    read_manifest,
+    staged_dataset,
+    write_manifest,
+    write_png,
+)
 from lesionflow.errors import CorrectionError, RegistryError
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet

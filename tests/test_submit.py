@@ -27,14 +27,14 @@ class FakeKFP(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         FakeKFP.requests.append(("GET", self.path, {}))
         if self.path.startswith("/apis/v2beta1/experiments"):
             self._reply({})  # no experiment of that name yet
         else:
             self._reply({})
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         FakeKFP.requests.append(("POST", self.path, body))
         if self.path == "/apis/v2beta1/experiments":

@@ -535,13 +535,13 @@ def _into_video_folder(record: Record, dataset_dir: Path) -> Record:
     """Frames move to one folder per video: a video is browsed, fetched and reviewed as a unit."""
     folder = re.sub(r"[^A-Za-z0-9._-]", "_", record.group)
     moved = {}
-    for field in ("image", "mask"):
-        rel = getattr(record, field)
+    for key in ("image", "mask"):
+        rel = getattr(record, key)
         if rel is not None:
             top, name = rel.split("/", 1)
-            moved[field] = f"{top}/{folder}/{name}"
-            (dataset_dir / moved[field]).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(dataset_dir / rel, dataset_dir / moved[field])
+            moved[key] = f"{top}/{folder}/{name}"
+            (dataset_dir / moved[key]).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(dataset_dir / rel, dataset_dir / moved[key])
     return record.model_copy(update=moved)
 
 

@@ -48,9 +48,9 @@ class Evaluation:
         path.write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> "Evaluation":
+    def load(cls, path: Path) -> Evaluation:
         raw = json.loads(path.read_text())
-        score = lambda s: ModelScore(**s) if s else None  # noqa: E731
+        score = lambda s: ModelScore(**s) if s else None
         return cls(raw["split"], score(raw["candidate"]), score(raw["champion"]), raw["champion_version"])
 
 
