@@ -279,8 +279,9 @@ class ClusterConfig(_Section):
     train_gpus: int = Field(0, ge=0)  # GPUs requested by the training steps
     train_cpu: str | None = None  # e.g. "4": request and limit of the training steps
     train_memory: str | None = None  # e.g. "16Gi"
-    artifacts_pvc: str | None = None  # mount this PVC at artifacts_mount (else S3 pipeline root)
+    artifacts_pvc: str | None = None  # mount this PVC at artifacts_mount in every step
     artifacts_mount: str = "/mnt/lesionflow"
+    pipeline_root: str | None = None  # where KFP keeps step artifacts, e.g. s3://bucket/kfp (null: KFP's default)
 
 
 class Params(_Section):

@@ -51,12 +51,14 @@ def submit(params: Params, *, host: str, experiment: str, run_name: str | None =
         package = str(compile_pipeline(Path(tmp) / "pipeline.yaml", cluster=params.cluster))
         if cron is None:
             run = client.create_run_from_pipeline_package(
-                package, arguments=arguments, experiment_name=experiment, run_name=run_name)
+                package, arguments=arguments, experiment_name=experiment, run_name=run_name,
+                pipeline_root=params.cluster.pipeline_root)
             return run.run_id
         experiment_id = client.create_experiment(experiment).experiment_id
         job = client.create_recurring_run(
             experiment_id, job_name=run_name or f"{experiment}-schedule", cron_expression=cron,
-            params=arguments, pipeline_package_path=package, max_concurrency=1, no_catchup=True)
+            params=arguments, pipeline_package_path=package, max_concurrency=1, no_catchup=True,
+            pipeline_root=params.cluster.pipeline_root)
         return job.recurring_run_id
 
 
