@@ -17,7 +17,6 @@ manifest), which the CLI, the pipeline on a cluster and the retrain schedule all
 from __future__ import annotations
 
 import csv
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,14 @@ from mlflow.tracking import MlflowClient
 
 from lesionflow import registry, tracking
 from lesionflow.config import IngestConfig, MetadataColumns, Params, SplitFractions
-from lesionflow.data.fingerprint import compute_fingerprint
+from lesionflow.data.fingerprint import write_index
 from lesionflow.data.ingest import ingest
 from lesionflow.data.manifest import (
-    FINGERPRINT,
     MANIFEST,
     Record,
     link_or_copy,
     read_manifest,
     staged_dataset,
-    write_manifest,
 )
 from lesionflow.data.sources import materialize_source
 from lesionflow.errors import CorrectionError
@@ -90,9 +87,7 @@ def add(params: Params, source: str, *, model_version: str | None = None) -> Cor
                 old_dir = restore(params, previous.md5, tmp / "previous")
                 fresh = {r.id for r in records}
                 records += [_copy(r, old_dir, stage) for r in read_manifest(old_dir) if r.id not in fresh]
-            write_manifest(stage, records)
-            (stage / FINGERPRINT).write_text(json.dumps(compute_fingerprint(records, stage),
-                                                        indent=2, sort_keys=True) + "\n")
+            write_index(stage, records)
         version = version_dataset(merged, remote=params.runtime.remote(),
                                   endpoint_url=params.runtime.s3_endpoint_url,
                                   workspace=params.runtime.resolved_workdir() / "dvc-workspace")
@@ -150,9 +145,7 @@ def merge(dataset_dir: Path, corrections_dir: Path, out_dir: Path) -> MergeRepor
     with staged_dataset(out_dir) as stage:
         out = [_copy(r, dataset_dir, stage) for r in kept]
         out += [_copy(c, corrections_dir, stage) for c in used]
-        write_manifest(stage, out)
-        (stage / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, stage),
-                                                    indent=2, sort_keys=True) + "\n")
+        write_index(stage, out)
     return MergeReport(added=len(used), replaced=len(records) - len(kept), held_out=held_out)
 
 

@@ -18,6 +18,7 @@ Schema::
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lesionflow.data.manifest import IGNORE_VALUE, Record
+from lesionflow.data.manifest import FINGERPRINT, IGNORE_VALUE, Record, write_manifest
 
 QUANTILES = (0, 25, 50, 75, 100)
 
@@ -67,6 +68,13 @@ def _pixel_sums(dataset_dir: Path, record: Record, channels: int
             mask = np.asarray(m)
             area = float(((mask > 0) & (mask != IGNORE_VALUE)).mean())  # ignore is not lesion
     return flat.sum(axis=0), (flat**2).sum(axis=0), flat.shape[0], area
+
+
+def write_index(dataset_dir: Path, records: list[Record]) -> None:
+    """Write the manifest and its fingerprint: the two files that make a folder a dataset."""
+    write_manifest(dataset_dir, records)
+    fingerprint = compute_fingerprint(records, dataset_dir)
+    (dataset_dir / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
 
 def compute_fingerprint(records: list[Record], dataset_dir: Path) -> dict:

@@ -34,7 +34,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from lesionflow.config import IngestConfig
-from lesionflow.data.fingerprint import compute_fingerprint
+from lesionflow.data.fingerprint import write_index
 from lesionflow.data.io import (
     IMAGE_EXTS,
     VOLUME_EXTS,
@@ -47,11 +47,9 @@ from lesionflow.data.io import (
     volume_shape,
 )
 from lesionflow.data.manifest import (
-    FINGERPRINT,
     Record,
     check_fresh,
     staged_dataset,
-    write_manifest,
     write_png,
 )
 from lesionflow.data.sources import materialize_source
@@ -588,8 +586,6 @@ def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | N
                 skipped=sorted(problems.skipped, key=lambda s: (s["path"], s["reason"])),
                 merged_groups=merged,
             )
-            write_manifest(tmp, records)
-            fingerprint = compute_fingerprint(records, tmp)
-            (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+            write_index(tmp, records)
             (tmp / REPORT).write_text(json.dumps(report.model_dump(), indent=2, sort_keys=True) + "\n")
     return report

@@ -11,21 +11,18 @@ hard-linked unchanged, so val/test keep their ground truth.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lesionflow.data.fingerprint import compute_fingerprint
+from lesionflow.data.fingerprint import write_index
 from lesionflow.data.manifest import (
-    FINGERPRINT,
     Record,
     check_fresh,
     link_or_copy,
     read_manifest,
     staged_dataset,
-    write_manifest,
 )
 from lesionflow.data.transforms import load_mask
 from lesionflow.errors import WeakLabelError
@@ -69,6 +66,5 @@ def weaken(dataset_dir: str | Path, out_dir: str | Path, *, splits: Sequence[str
             out.append(record.model_copy(update={
                 "kind": "weak", "mask": None, "mask_sha256": None, "area_ratio": round(ratio, 6),
                 "area_error": noise if error is None else error}))
-        write_manifest(tmp, out)
-        (tmp / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, tmp), indent=2, sort_keys=True) + "\n")
+        write_index(tmp, out)
     return out

@@ -19,14 +19,12 @@ import numpy as np
 
 from lesionflow import registry
 from lesionflow.config import Params
-from lesionflow.data.fingerprint import compute_fingerprint
+from lesionflow.data.fingerprint import write_index
 from lesionflow.data.manifest import (
-    FINGERPRINT,
     Record,
     link_or_copy,
     read_manifest,
     staged_dataset,
-    write_manifest,
     write_png,
 )
 from lesionflow.data.transforms import load_image, load_mask
@@ -135,8 +133,7 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
         if unknown_types:
             report.message += f"; {labeller} has no model for {sorted(unknown_types)}: not pseudo-labelled"
             print(report.message)
-        write_manifest(tmp, out)
-        (tmp / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, tmp), indent=2, sort_keys=True) + "\n")
+        write_index(tmp, out)
         (tmp / REPORT).write_text(json.dumps(report.__dict__, indent=2, sort_keys=True) + "\n")
 
     mlflow.log_params({"pseudo_label.labeller": labeller or "none", "pseudo_label.scorer": cfg.scorer})

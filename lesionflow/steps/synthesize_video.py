@@ -25,14 +25,12 @@ import torch
 from PIL import Image
 
 from lesionflow.config import Params
-from lesionflow.data.fingerprint import compute_fingerprint
+from lesionflow.data.fingerprint import write_index
 from lesionflow.data.manifest import (
-    FINGERPRINT,
     Record,
     link_or_copy,
     read_manifest,
     staged_dataset,
-    write_manifest,
     write_png,
 )
 from lesionflow.data.transforms import load_image, load_mask, resize_image, to_channels
@@ -219,8 +217,7 @@ def synthesize_video(params: Params, dataset_dir: Path, out_dir: Path) -> Synthe
             report.message = (f"next-frame model trained on {len(videos)} video(s), stopped at "
                               f"{result.stop_reason}; {len(updates)} frame(s) pseudo-labelled by propagation, "
                               f"{len(synthetic)} synthetic video frame(s) added")
-        write_manifest(tmp, out)
-        (tmp / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, tmp), indent=2, sort_keys=True) + "\n")
+        write_index(tmp, out)
         (tmp / REPORT).write_text(json.dumps(report.__dict__, indent=2, sort_keys=True) + "\n")
     print(report.message)
     if report.skipped_videos:
