@@ -31,6 +31,7 @@ from lesionflow.data.ingest import ingest
 from lesionflow.data.manifest import (
     MANIFEST,
     Record,
+    link_files,
     link_or_copy,
     read_manifest,
     staged_dataset,
@@ -197,9 +198,7 @@ def _as_correction(record: Record, predicted_by: str, src: Path, stage: Path) ->
 
 
 def _copy(record: Record, src: Path, stage: Path) -> Record:
-    for rel in (record.image, record.mask):
-        if rel is not None:
-            link_or_copy(src / rel, stage / rel)
+    link_files(record, src, stage)
     return record
 
 

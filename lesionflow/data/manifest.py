@@ -115,6 +115,13 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
+def link_files(record: Record, src: Path, dst: Path) -> None:
+    """Link a record's image and mask (where it has one) from dataset ``src`` into ``dst``."""
+    for rel in (record.image, record.mask):
+        if rel is not None:
+            link_or_copy(src / rel, dst / rel)
+
+
 def write_png(array: np.ndarray, path: Path) -> str:
     """Write an 8-bit PNG and return the sha256 of its bytes (the manifest's file hash)."""
     buf = io.BytesIO()

@@ -54,6 +54,12 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return out[..., None] if squeeze else out
 
 
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Boolean HxW → boolean SxS (nearest: no invented boundary values)."""
+    pil = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(pil.resize((size, size), Image.NEAREST)) > 0
+
+
 def resize_prob(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     """Probability map back to the image's own size, so metrics are measured there."""
     return np.asarray(Image.fromarray(prob.astype(np.float32), mode="F").resize(

@@ -83,12 +83,10 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
         hidden_dice: list[float] = []
         unknown_types: set[str] = set()
         for record in progress(records, "pseudo-label"):
-            (tmp / record.image).parent.mkdir(parents=True, exist_ok=True)  # one folder per synthetic video
             link_or_copy(dataset_dir / record.image, tmp / record.image)
             is_train = record.split == "train"
             keeps_mask = record.mask is not None and record.id not in hidden
             if keeps_mask:
-                (tmp / record.mask).parent.mkdir(parents=True, exist_ok=True)
                 link_or_copy(dataset_dir / record.mask, tmp / record.mask)
             if not is_train:
                 out.append(record)

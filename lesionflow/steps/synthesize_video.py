@@ -28,12 +28,18 @@ from lesionflow.config import Params
 from lesionflow.data.fingerprint import write_index
 from lesionflow.data.manifest import (
     Record,
-    link_or_copy,
+    link_files,
     read_manifest,
     staged_dataset,
     write_png,
 )
-from lesionflow.data.transforms import load_image, load_mask, resize_image, to_channels
+from lesionflow.data.transforms import (
+    load_image,
+    load_mask,
+    resize_image,
+    resize_mask,
+    to_channels,
+)
 from lesionflow.errors import KeyFrameError
 from lesionflow.progress import progress
 from lesionflow.training import labelled, pick_device
@@ -42,7 +48,6 @@ from lesionflow.video.synthesis import propagate_masks, rollout, select_frames
 from lesionflow.video.train import (
     Video,
     load_video,
-    resize_mask,
     save_next_frame,
     train_next_frame,
     video_groups,
@@ -59,14 +64,6 @@ class SynthesisReport:
     counts: dict[str, int] = field(default_factory=dict)  # videos / synthetic / propagated
     stop_reason: str | None = None
     skipped_videos: list[str] = field(default_factory=list)  # no key-frame mask to roll from
-
-
-def _link_all(records: list[Record], src: Path, dst: Path) -> None:
-    for r in records:
-        for rel in (r.image, r.mask):
-            if rel is not None:
-                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                link_or_copy(src / rel, dst / rel)
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -185,7 +182,8 @@ def synthesize_video(params: Params, dataset_dir: Path, out_dir: Path) -> Synthe
     videos = _load_videos(params, dataset_dir, records, report) if cfg.enabled else []
     mlflow.log_params({f"video.{k}": v for k, v in cfg.model_dump().items()})
     with staged_dataset(out_dir) as tmp:
-        _link_all(records, dataset_dir, tmp)
+        for record in records:
+            link_files(record, dataset_dir, tmp)
         out = records
         if not cfg.enabled:
             report.message = "video.enabled is false: dataset passed through unchanged"

@@ -28,11 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from lesionflow.config import VideoConfig
 from lesionflow.data.manifest import Record
-from lesionflow.data.transforms import load_image, load_mask, resize_image, to_channels
+from lesionflow.data.transforms import (
+    load_image,
+    load_mask,
+    resize_image,
+    resize_mask,
+    to_channels,
+)
 from lesionflow.errors import KeyFrameError
 from lesionflow.progress import progress
 from lesionflow.training import pick_device
@@ -54,12 +59,6 @@ class Video:
     masks: np.ndarray
     known: np.ndarray
     key: int
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Boolean HxW → float32 SxS in {0, 1} (nearest: no invented boundary values)."""
-    pil = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
-    return (np.asarray(pil) > 0).astype(np.float32)
 
 
 def video_groups(records: list[Record], split: str | None = "train") -> dict[str, list[Record]]:
