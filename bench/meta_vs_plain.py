@@ -38,7 +38,7 @@ import mlflow
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesionflow import config, registry, tracking
+from lesionflow import config, lineage, registry, tracking
 from lesionflow.data.manifest import read_manifest
 from lesionflow.models.store import load_model
 from lesionflow.steps import meta_train as meta_train_step
@@ -114,9 +114,9 @@ def main() -> None:
                                        + ["meta_train.enabled=false"])
             meta_train_step.run(champ_params, unlabelled_pool, tmp / "champion")
             version = registry.register_model(load_model(tmp / "champion"), name="experiment", metrics={},
-                                              lineage={registry.TAG_DATASET_MD5: "experiment.dir",
-                                                       registry.TAG_PARAMS_HASH: champ_params.digest(),
-                                                       registry.TAG_PIPELINE_RUN_ID: "experiment"})
+                                              lineage={lineage.TAG_DATASET_MD5: "experiment.dir",
+                                                       lineage.TAG_PARAMS_HASH: champ_params.digest(),
+                                                       lineage.TAG_PIPELINE_RUN_ID: "experiment"})
             registry.move_alias("experiment", "champion", version, why="labelling model", action="set")
 
         # 3: pseudo-labels + good/bad

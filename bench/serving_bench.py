@@ -40,7 +40,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesionflow import config, registry, tracking
+from lesionflow import config, lineage, registry, tracking
 from lesionflow.models import build_model
 from lesionflow.models.pyfunc import decode_image, encode_png
 from lesionflow.models.segmenter import Segmenter
@@ -63,8 +63,8 @@ def images(n: int) -> list[bytes]:
 def register(params: config.Params) -> None:
     tracking.connect(params)
     model = Segmenter(build_model(params.model), params.train.image_size, [128.0] * 3, [64.0] * 3)
-    lineage = {registry.TAG_DATASET_MD5: "bench", registry.TAG_PARAMS_HASH: params.digest(),
-               registry.TAG_PIPELINE_RUN_ID: "bench"}
+    lineage = {lineage.TAG_DATASET_MD5: "bench", lineage.TAG_PARAMS_HASH: params.digest(),
+               lineage.TAG_PIPELINE_RUN_ID: "bench"}
     with mlflow.start_run():
         version = registry.register_model(model, name=NAME, lineage=lineage, metrics={})
     registry.move_alias(NAME, "champion", version, why="bench", action="set")

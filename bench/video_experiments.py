@@ -168,7 +168,8 @@ def mixin(params: config.Params, work: Path, epochs: int, seeds: list[int]) -> N
                 for rel in (r.image, r.mask):
                     if rel:
                         link_or_copy(data / rel, tmp / rel)
-            out = records + synthesize_frames(params, model, data, records, tmp, "cpu")
+            out = records + synthesize_frames(params, model, data, records, tmp, "cpu",
+                                              f"bench:{g_key(params)}")
             write_manifest(tmp, out)
             (tmp / FINGERPRINT).write_text(json.dumps(compute_fingerprint(out, tmp)))
     rows = defaultdict(list)

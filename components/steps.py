@@ -14,63 +14,68 @@ from lesionflow import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def ingest(params_json: str, pipeline_run_id: str, dataset: Output[Dataset]) -> NamedTuple(
-        "IngestOutputs", [("dvc_md5", str), ("n_records", int), ("corrections_md5", str)]):
-    """Source (folder, S3 prefix or synthetic) → canonical dataset, versioned with DVC."""
+def ingest(params_json: str, pipeline_run_id: str, lineage_json: str, dataset: Output[Dataset]
+           ) -> NamedTuple("IngestOutputs", [("dvc_md5", str), ("n_records", int), ("lineage", str)]):
+    """Source (folder, S3 prefix or synthetic) + corrections → canonical dataset, DVC-versioned."""
     from lesionflow.steps import entrypoints
 
-    out = entrypoints.ingest(params_json, pipeline_run_id, dataset.path)
+    out = entrypoints.ingest(params_json, pipeline_run_id, lineage_json, dataset.path)
     dataset.metadata.update(out)
-    return (out["dvc_md5"], out["n_records"], out["corrections_md5"])
+    return (out["dvc_md5"], out["n_records"], out["lineage"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def synthesize_video(params_json: str, pipeline_run_id: str, dataset: Input[Dataset],
-                     augmented: Output[Dataset]) -> str:
+def synthesize_video(params_json: str, pipeline_run_id: str, lineage_json: str, dataset: Input[Dataset],
+                     augmented: Output[Dataset]) -> NamedTuple(
+        "SynthesizeVideoOutputs", [("dvc_md5", str), ("lineage", str)]):
     """Train the next-frame model on the videos; add synthetic videos and propagated labels."""
     from lesionflow.steps import entrypoints
 
-    out = entrypoints.synthesize_video(params_json, pipeline_run_id, dataset.path, augmented.path)
+    out = entrypoints.synthesize_video(params_json, pipeline_run_id, lineage_json, dataset.path,
+                                       augmented.path)
     augmented.metadata.update(out)
-    return out["dvc_md5"]
+    return (out["dvc_md5"], out["lineage"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def pseudo_label(params_json: str, pipeline_run_id: str, dataset: Input[Dataset],
+def pseudo_label(params_json: str, pipeline_run_id: str, lineage_json: str, dataset: Input[Dataset],
                  labelled: Output[Dataset]) -> NamedTuple(
-        "PseudoLabelOutputs", [("dvc_md5", str), ("labeller", str)]):
-    """The champion labels unlabelled train images and scores all of them: good / bad task data."""
+        "PseudoLabelOutputs", [("dvc_md5", str), ("labeller", str), ("lineage", str)]):
+    """The champion labels unlabelled train images and scores model-made masks: good / bad task data."""
     from lesionflow.steps import entrypoints
 
-    out = entrypoints.pseudo_label(params_json, pipeline_run_id, dataset.path, labelled.path)
+    out = entrypoints.pseudo_label(params_json, pipeline_run_id, lineage_json, dataset.path, labelled.path)
     labelled.metadata.update(out)
-    return (out["dvc_md5"], out["labeller"])
+    return (out["dvc_md5"], out["labeller"], out["lineage"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def meta_train(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], model: Output[Model]):
+def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, dataset: Input[Dataset],
+               model: Output[Model]) -> str:
     """MAML over good/bad task data (or the plain baseline), one model or one per lesion type."""
     from lesionflow.steps import entrypoints
 
-    model.metadata.update(entrypoints.meta_train(params_json, pipeline_run_id, dataset.path, model.path))
+    out = entrypoints.meta_train(params_json, pipeline_run_id, lineage_json, dataset.path, model.path)
+    model.metadata.update(out)
+    return out["lineage"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(params_json: str, pipeline_run_id: str, dataset: Input[Dataset], model: Input[Model],
-             report: Output[Dataset], metrics: Output[Metrics]):
-    """Dice / IoU / HD95 per lesion type and fps, for the candidate and the current champion."""
+def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset: Input[Dataset],
+             model: Input[Model], report: Output[Dataset], metrics: Output[Metrics]):
+    """Dice / IoU / HD95 per lesion type and fps; candidate vs champion on records neither has seen."""
     from lesionflow.steps import entrypoints
 
-    out = entrypoints.evaluate(params_json, pipeline_run_id, dataset.path, model.path, report.path)
+    out = entrypoints.evaluate(params_json, pipeline_run_id, lineage_json, dataset.path, model.path,
+                               report.path)
     for key, value in out.items():
         metrics.log_metric(key, value)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(params_json: str, pipeline_run_id: str, dataset_md5: str, pseudo_dataset_md5: str,
-             labeller: str, corrections_md5: str, model: Input[Model], report: Input[Dataset]) -> str:
+def register(params_json: str, pipeline_run_id: str, lineage_json: str, model: Input[Model],
+             report: Input[Dataset]) -> str:
     """Register with lineage; move `champion` only if the promotion gate passes."""
     from lesionflow.steps import entrypoints
 
-    return entrypoints.register(params_json, pipeline_run_id, model.path, report.path, dataset_md5,
-                                pseudo_dataset_md5, labeller, corrections_md5)
+    return entrypoints.register(params_json, pipeline_run_id, lineage_json, model.path, report.path)

@@ -11,7 +11,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from lesionflow import config
-from lesionflow.errors import LesionflowError
+from lesionflow.errors import LeaseHeldError, LesionflowError
 
 
 def _load_params(args: argparse.Namespace) -> config.Params:
@@ -41,7 +41,7 @@ def format_summary(summary: dict) -> str:
         f"  dataset (DVC)    {summary['dataset_dvc_md5']}",
         f"  corrections      {summary['corrections_md5']}",
         f"  test metrics     dice {overall['dice']:.3f}  iou {overall['iou']:.3f}  "
-        f"hd95 {overall['hd95']:.1f}px  (n={overall['n']})",
+        f"hd95 {overall['hd95']:.1f}{hd95_unit(overall)}  (n={overall['n']})",
     ]
     for name, row in summary["test_metrics"].items():
         if name != "overall":
@@ -50,10 +50,18 @@ def format_summary(summary: dict) -> str:
         f"  inference        {summary['fps']:.1f} frames/s (real time: 30)",
         f"  registered       {summary['model']} v{summary['version']}",
         f"  gate             {'promoted' if summary['promoted'] else 'refused'}: {summary['gate']}",
+        *([f"  compared on      {c['n']} test records neither model has seen (champion "
+           f"v{c['champion_version']}; {c['excluded']['seen_by_champion']} left out: it trained or "
+           f"selected on them)"] if (c := summary["compared"]) else []),
         f"  champion         v{summary['champion']}",
         f"  MLflow           {summary['tracking_uri']}",
     ]
     return "\n".join(lines)
+
+
+def hd95_unit(row: dict) -> str:
+    """mm where every image's pixel spacing was known (DICOM, NIfTI, NRRD), else pixels."""
+    return "mm" if row.get("hd95_in_mm") else "px"
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -92,7 +100,8 @@ def cmd_corrections_add(args: argparse.Namespace) -> int:
     from lesionflow import corrections
 
     params = _registry_params(args)
-    version = corrections.add(params, args.source, model_version=args.model_version)
+    version = corrections.add(params, args.source, model_version=args.model_version,
+                              reviewer=args.reviewer)
     print(f"corrections of {params.runtime.model_name}: version {version.md5} holds "
           f"{version.n_corrections} correction(s) (MLflow run {version.run_id})")
     return 0
@@ -120,11 +129,16 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         return 0
     print(f"retrain: starting: {decision.reason}")
     params = retrain.pinned(params, decision)
+    if args.warm_start:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"init_from": "champion"})})
     if args.host:
         run_id = submit(params, host=args.host, experiment=args.experiment, run_name=args.run_name)
         print(f"submitted run {run_id} to {args.host}")
-    else:
+        return 0
+    try:
         print(format_summary(run_local(params)))
+    except LeaseHeldError as err:  # another tick got there first: its run trains on the same data
+        print(f"retrain: nothing to do: {err}")
     return 0
 
 
@@ -156,7 +170,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{params.runtime.model_name} {args.model} on {params.ingest.source} ({args.split}):")
     for name, row in score.table.items():
         print(f"  {name:<12} n={row['n']:<5} dice {row['dice']:.3f}  iou {row['iou']:.3f}  "
-              f"hd95 {row['hd95']:.1f}px")
+              f"hd95 {row['hd95']:.1f}{hd95_unit(row)}")
     print(f"  {score.fps:.1f} frames/s")
     return 0
 
@@ -177,9 +191,36 @@ def cmd_history(args: argparse.Namespace) -> int:
     if not moves:
         print(f"no {args.alias} moves recorded for {params.runtime.model_name}")
     for m in moves:
-        print(f"{m.when}  {m.action:<8} {m.alias}: {m.from_version or '-'} → {m.to_version}  "
-              f"by {m.who}  ({m.why})")
+        if m.action == "refuse":
+            print(f"{m.when}  refuse   {m.alias}: v{m.candidate} refused, stays {m.to_version}  "
+                  f"by {m.who}  ({m.why})")
+        else:
+            print(f"{m.when}  {m.action:<8} {m.alias}: {m.from_version or '-'} → {m.to_version}  "
+                  f"by {m.who}  ({m.why})")
     return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Rebuild a version from its lineage; exit 1 if a metric moved more than --tolerance."""
+    from lesionflow.reproduce import METRICS, reproduce
+
+    params = _registry_params(args)
+    result = reproduce(params, args.version)
+    name = params.runtime.model_name
+    print(f"reproduce {name} v{result.version}")
+    for role, md5 in result.datasets.items():
+        print(f"  {role:<14} {md5} (pulled from {params.runtime.remote()})")
+    print("  code           " + ("; ".join(result.code_notes) or "the commit that trained it, clean"))
+    print(f"  {result.split} split: registered → rebuilt (difference)")
+    gaps = result.differences()
+    for lesion_type, row in result.registered.items():
+        cells = [f"{m} {row[m]:.4f} → {result.rebuilt[lesion_type][m]:.4f} ({gaps[lesion_type][m]:+.4f})"
+                 for m in METRICS]
+        print(f"    {lesion_type:<12} " + "   ".join(cells))
+    largest = result.largest_difference()
+    verdict = "reproduced" if largest <= args.tolerance else "NOT reproduced"
+    print(f"  {verdict}: largest difference {largest:.6f} (tolerance {args.tolerance:g})")
+    return 0 if largest <= args.tolerance else 1
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -238,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("retrain", cmd_retrain,
             "run the pipeline if enough reviewer corrections arrived since the champion")
     p.add_argument("--min-corrections", type=int, required=True, metavar="N")
+    p.add_argument("--warm-start", action="store_true",
+                   help="fine-tune from the champion's weights (train.init_from=champion)")
     p.add_argument("--host", help="KFP endpoint to submit to (default: run locally with kfp.local)")
     p.add_argument("--experiment", default="lesionflow")
     p.add_argument("--run-name")
@@ -250,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
     p = add("history", cmd_history, "show the append-only alias history")
     p.add_argument("--alias", default="champion")
+    p = add("reproduce", cmd_reproduce, "rebuild a registered version from its lineage and compare")
+    p.add_argument("version", help="version number or alias")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="largest metric difference still counted as reproduced (default 0: exact)")
     p = add("rollback", cmd_rollback, "move champion back to the previous (or a named) version")
     p.add_argument("--to", help="version number (default: the previous champion)")
     p.add_argument("--why", default="manual rollback")
@@ -282,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder or s3:// prefix: images/, masks/, optional corrections.csv")
     p.add_argument("--model-version",
                    help="version whose predictions were corrected (else corrections.csv's column)")
+    p.add_argument("--reviewer", help="who corrected the masks (default: $LESIONFLOW_USER, else the "
+                   "login name); a reviewer column in corrections.csv overrides it per row")
     p = add("status", cmd_corrections_status, "corrections since the champion was trained",
             parent=corrections)
     p.add_argument("--min-corrections", type=int, default=1, metavar="N")

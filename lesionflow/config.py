@@ -86,6 +86,7 @@ class IngestConfig(_Section):
     folder_fields: list[Literal["lesion_type", "group"]] = []
     default_lesion_type: str = "lesion"
     on_error: Literal["raise", "skip"] = "raise"
+    annotator: str = "unknown"  # who drew the source's masks (provenance of ground truth)
     split: SplitFractions = SplitFractions()
     max_side: int | None = Field(512, ge=16)
     volume_slice_axis: int = Field(2, ge=0, le=2)
@@ -124,6 +125,17 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0)
     max_minutes: float | None = Field(None, gt=0)
+    # null: from scratch | champion | a version number: fine-tune from that registered version's
+    # weights (seeds 002/003: corrections update the model rather than replace it)
+    init_from: str | None = None
+    deterministic: bool = True  # deterministic kernels, so `lesionflow reproduce` rebuilds exactly
+
+    @field_validator("init_from")
+    @classmethod
+    def _alias_or_version(cls, value: str | None) -> str | None:
+        if value is not None and value != "champion" and not value.isdigit():
+            raise ValueError(f"must be null, champion or a version number, got {value!r}")
+        return value
 
 
 class PseudoLabelConfig(_Section):
@@ -240,8 +252,14 @@ class EvaluateConfig(_Section):
 
 
 class RegistryConfig(_Section):
+    """The promotion gate and the training lease (see ``registry.gate`` and ``lease``)."""
+
     gate_metric: Literal["dice", "iou"] = "dice"
-    tolerance: float = Field(0.01, ge=0)
+    tolerance: float = Field(0.01, ge=0)  # overall: refuse if worse than the champion by more
+    max_type_drop: float = Field(0.05, ge=0)  # per lesion type: refuse if any type drops more
+    min_type_records: int = Field(3, ge=1)  # types with fewer compared records are not gated alone
+    lease_seconds: float = Field(600, gt=0)  # a training run's lease expires this long after its last renewal
+    lease_wait_seconds: float = Field(0, ge=0)  # a second run waits this long for the lease, then stops
 
 
 class ServeConfig(_Section):

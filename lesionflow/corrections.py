@@ -4,7 +4,8 @@ A batch is a folder or S3 prefix in the ingest layout::
 
     images/<id>.<ext>     the image the model was shown
     masks/<id>.png        the reviewer's corrected mask (required for every image)
-    corrections.csv       optional: id, lesion_type, model_version (the version that predicted)
+    corrections.csv       optional: id, lesion_type, model_version (the version that predicted),
+                          reviewer (who corrected the mask; default: the one adding the batch)
 
 It is validated by the ingest code itself (same formats, same named errors). Every accepted
 batch makes a *new* version of one cumulative corrections dataset — the previous version's
@@ -12,19 +13,28 @@ records plus this batch's, a re-corrected id replacing its older correction — 
 DVC-versioned and pushed, so nothing stored earlier is ever rewritten. Versions are recorded as
 runs of the MLflow experiment ``<model>-corrections`` (tags: DVC hash, count; artifact: the
 manifest), which the CLI, the pipeline on a cluster and the retrain schedule all share.
+
+Adds from several reviewers (processes, pods) take turns under the model's ``corrections`` lease
+on the tracking server: read newest version → build → DVC version → record, so each new version
+holds every batch recorded before it; an add that waits longer than ``LEASE_WAIT`` fails with
+LeaseHeldError having recorded nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import getpass
+import os
+import socket
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from lesionflow import registry, tracking
+from lesionflow import lease, lineage, registry, tracking
 from lesionflow.config import IngestConfig, MetadataColumns, Params, SplitFractions
 from lesionflow.data.fingerprint import write_index
 from lesionflow.data.ingest import ingest
@@ -42,9 +52,13 @@ from lesionflow.versioning import restore_dataset, version_dataset
 
 CSV = "corrections.csv"
 ID_PREFIX = "correction-"
-TAG_MD5 = registry.TAG_CORRECTIONS_MD5
+TAG_MD5 = lineage.TAG_CORRECTIONS_MD5
 TAG_COUNT = "lesionflow.n_corrections"
-NONE = "none"
+NONE = lineage.NONE
+TAG_REVIEWER = "lesionflow.reviewer"
+LEASE = "corrections"  # the lease resource: one add at a time per model
+LEASE_TTL = 60.0  # seconds an add that died blocks the next one (a live one renews every ttl/3)
+LEASE_WAIT = 300.0  # seconds an add waits for a concurrent one (a few adds' worth) before giving up
 
 
 @dataclass(frozen=True)
@@ -65,13 +79,19 @@ def experiment_name(params: Params) -> str:
     return f"{params.runtime.model_name}-corrections"
 
 
-def add(params: Params, source: str, *, model_version: str | None = None) -> CorrectionsVersion:
-    """Validate a batch and record the corrections dataset version that includes it."""
+def add(params: Params, source: str, *, model_version: str | None = None,
+        reviewer: str | None = None) -> CorrectionsVersion:
+    """Validate a batch and record the corrections dataset version that includes it.
+
+    ``reviewer`` (default ``default_reviewer()``) goes on each correction as ``labelled_by``
+    unless the batch's CSV names another per row."""
     name = params.runtime.model_name
+    reviewer = (reviewer or "").strip() or default_reviewer()
     with tempfile.TemporaryDirectory(prefix="lesionflow-corrections-") as tmp:
         tmp = Path(tmp)
         root = materialize_source(source, params.runtime.s3_endpoint_url, tmp / "source")
-        predicted_by = _model_versions(root, model_version)
+        predicted_by = _column(root, "model_version")
+        reviewed_by = _column(root, "reviewer")
         batch_dir = tmp / "batch"
         ingest(_batch_config(params, root), batch_dir, seed=params.seed)
         batch = read_manifest(batch_dir)
@@ -79,20 +99,31 @@ def add(params: Params, source: str, *, model_version: str | None = None) -> Cor
         for version in sorted({predicted_by.get(r.id, model_version) for r in batch}):
             registry.version_info(name, version)  # RegistryError naming the existing versions
 
-        previous = latest(params)
-        merged = tmp / "corrections"
-        with staged_dataset(merged) as stage:
-            records = [_as_correction(r, predicted_by.get(r.id, model_version), batch_dir, stage)
-                       for r in batch]
-            if previous is not None:
-                old_dir = restore(params, previous.md5, tmp / "previous")
-                fresh = {r.id for r in records}
-                records += [_copy(r, old_dir, stage) for r in read_manifest(old_dir) if r.id not in fresh]
-            write_index(stage, records)
-        version = version_dataset(merged, remote=params.runtime.remote(),
-                                  endpoint_url=params.runtime.s3_endpoint_url,
-                                  workspace=params.runtime.resolved_workdir() / "dvc-workspace")
-        return _record_version(params, version.md5, merged, source, added=len(batch))
+        holder = (f"corrections add by {reviewer} on {socket.gethostname()} pid {os.getpid()} "
+                  f"({uuid.uuid4().hex[:8]})")
+        with lease.held(name, LEASE, holder, ttl=LEASE_TTL, wait=LEASE_WAIT) as held:
+            previous = latest(params)
+            merged = tmp / "corrections"
+            with staged_dataset(merged) as stage:
+                records = [_as_correction(r, predicted_by.get(r.id, model_version),
+                                          reviewed_by.get(r.id, reviewer), batch_dir, stage)
+                           for r in batch]
+                if previous is not None:
+                    old_dir = restore(params, previous.md5, tmp / "previous")
+                    fresh = {r.id for r in records}
+                    records += [_copy(r, old_dir, stage) for r in read_manifest(old_dir) if r.id not in fresh]
+                write_index(stage, records)
+            version = version_dataset(merged, remote=params.runtime.remote(),
+                                      endpoint_url=params.runtime.s3_endpoint_url,
+                                      workspace=params.runtime.resolved_workdir() / "dvc-workspace")
+            reviewers = sorted({reviewed_by.get(r.id, reviewer) for r in batch})
+            return _record_version(params, version.md5, merged, source, added=len(batch),
+                                   reviewers=reviewers, held=held)
+
+
+def default_reviewer() -> str:
+    """Who corrected a batch when nobody says: LESIONFLOW_USER (set in pods), else the login name."""
+    return os.environ.get("LESIONFLOW_USER") or getpass.getuser()
 
 
 def latest(params: Params) -> CorrectionsVersion | None:
@@ -166,13 +197,13 @@ def _csv_columns(root: Path) -> set[str]:
         return set(csv.DictReader(f).fieldnames or [])
 
 
-def _model_versions(root: Path, default: str | None) -> dict[str, str]:
-    """id → model version from ``corrections.csv`` (rows with an empty cell use ``default``)."""
-    if "model_version" not in _csv_columns(root):
+def _column(root: Path, column: str) -> dict[str, str]:
+    """id → the non-empty cells of ``column`` in ``corrections.csv`` (other rows use the default)."""
+    if column not in _csv_columns(root):
         return {}
     with open(root / CSV, newline="") as f:
-        return {row["id"]: row["model_version"].strip() for row in csv.DictReader(f)
-                if row.get("model_version", "").strip()}
+        return {row["id"]: row[column].strip() for row in csv.DictReader(f)
+                if (row.get(column) or "").strip()}
 
 
 def _check_batch(batch: list[Record], predicted_by: dict[str, str], default: str | None) -> None:
@@ -187,14 +218,16 @@ def _check_batch(batch: list[Record], predicted_by: dict[str, str], default: str
             f"model_version column of {CSV} (the version whose prediction was corrected)")
 
 
-def _as_correction(record: Record, predicted_by: str, src: Path, stage: Path) -> Record:
+def _as_correction(record: Record, predicted_by: str, reviewer: str, src: Path, stage: Path
+                   ) -> Record:
     new_id = record.id if record.id.startswith(ID_PREFIX) else ID_PREFIX + record.id
     image, mask = f"images/{new_id}.png", f"masks/{new_id}.png"
     link_or_copy(src / record.image, stage / image)
     link_or_copy(src / record.mask, stage / mask)
     return record.model_copy(update={
         "id": new_id, "kind": "correction", "split": "train", "image": image, "mask": mask,
-        "group": ID_PREFIX + record.group, "corrected_from": str(predicted_by)})
+        "group": ID_PREFIX + record.group, "corrected_from": str(predicted_by),
+        "labelled_by": f"reviewer:{reviewer}"})
 
 
 def _copy(record: Record, src: Path, stage: Path) -> Record:
@@ -202,17 +235,20 @@ def _copy(record: Record, src: Path, stage: Path) -> Record:
     return record
 
 
-def _record_version(params: Params, md5: str, dataset: Path, source: str, *, added: int
-                    ) -> CorrectionsVersion:
-    """One MLflow run per version; it only counts as recorded once FINISHED (artifact logged)."""
+def _record_version(params: Params, md5: str, dataset: Path, source: str, *, added: int,
+                    reviewers: list[str], held: lease.Lease) -> CorrectionsVersion:
+    """One MLflow run per version; it only counts as recorded once FINISHED (artifact logged),
+    and only while the lease is still ours: had it been lost, another add may already have built
+    on the previous version without this batch."""
     client = MlflowClient()
     experiment_id = tracking.ensure_experiment(params, experiment_name(params))
     n = len(read_manifest(dataset))
     run = client.create_run(experiment_id, run_name=f"corrections {md5[:8]} (+{added})",
                             tags={TAG_MD5: md5, TAG_COUNT: str(n), "lesionflow.source": source,
-                                  "lesionflow.n_added": str(added)})
+                                  "lesionflow.n_added": str(added), TAG_REVIEWER: ", ".join(reviewers)})
     try:
         client.log_text(run.info.run_id, (dataset / MANIFEST).read_text(), MANIFEST)
+        held.check()
     except Exception:
         client.set_terminated(run.info.run_id, "FAILED")
         raise

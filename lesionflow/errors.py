@@ -50,6 +50,14 @@ class RegistryError(LesionflowError):
     """A registry request (alias, version, rollback target) cannot be satisfied."""
 
 
+class GateError(RegistryError):
+    """The promotion gate cannot compare candidate and champion fairly."""
+
+
+class ReproduceError(LesionflowError):
+    """A registered version cannot be rebuilt from its lineage (missing params, data, code)."""
+
+
 class InvalidImageError(LesionflowError):
     """Bytes sent for segmentation are not a readable image."""
 
@@ -81,3 +89,18 @@ class WeakLabelError(LesionflowError):
 
 class ExportError(LesionflowError):
     """A dataset or predictions folder cannot be exported, or an export does not read back."""
+
+
+class WarmStartError(LesionflowError):
+    """``train.init_from`` names a version whose weights cannot start this training (another
+    architecture, or one model per lesion type where one shared model is trained)."""
+
+
+class LeaseHeldError(LesionflowError):
+    """Another holder has the lease (see ``lesionflow.lease``); the message names it, since when it
+    holds it and when it expires unless renewed. Nothing was changed."""
+
+
+class LeaseLostError(LesionflowError):
+    """A lease this process held was released, or expired and was taken over by another holder:
+    work done under it must not be committed."""

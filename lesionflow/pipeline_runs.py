@@ -8,24 +8,46 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from lesionflow import lease
 from lesionflow.config import Params
-from lesionflow.errors import ConfigError
+from lesionflow.errors import ConfigError, LeaseHeldError
 
 
 def run_local(params: Params) -> dict:
-    """Run the compiled-for-cluster pipeline function in subprocesses of this interpreter."""
+    """Run the compiled-for-cluster pipeline function in subprocesses of this interpreter.
+
+    Another run holding the model's pipeline lease stops this one before it starts, or — if both
+    started at once — in its first step; either way with a ``LeaseHeldError`` naming the holder
+    rather than kfp's bare "task failed"."""
     from kfp import local
 
+    from lesionflow import tracking
+    from lesionflow.steps.entrypoints import PIPELINE_LEASE
     from pipelines.lesionflow_pipeline import lesionflow_pipeline
 
     workdir = params.runtime.resolved_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
+    tracking.connect(params)
+    _refuse_if_leased(params, PIPELINE_LEASE)
     # The project image is Python-based and the package is installed here; kfp.local can't know.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
                raise_on_error=True)
-    task = lesionflow_pipeline(params_json=params.model_dump_json())
+    try:
+        task = lesionflow_pipeline(params_json=params.model_dump_json())
+    except RuntimeError:
+        # a failed step releases this run's lease, so a holder now is another run
+        _refuse_if_leased(params, PIPELINE_LEASE)
+        raise
     return json.loads(task.output)
+
+
+def _refuse_if_leased(params: Params, resource: str) -> None:
+    holder = lease.current(params.runtime.model_name, resource)
+    if holder is not None:
+        raise LeaseHeldError(f"another pipeline run of {params.runtime.model_name} holds its "
+                             f"{resource!r} lease: {holder}. One training run per model at a time: "
+                             "retry when it has finished (a killed run's lease expires by itself)")
 
 
 def submit(params: Params, *, host: str, experiment: str, run_name: str | None = None,

@@ -10,8 +10,9 @@ source of truth for "what was champion before".
 from __future__ import annotations
 
 import getpass
+import json
+import math
 import os
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,48 +29,30 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info
 
 from lesionflow.errors import RegistryError
+from lesionflow.lineage import (
+    KEYS,
+    METRIC_TAG_PREFIX,
+    NONE,
+    REQUIRED,
+    TAG_GIT_COMMIT,
+    TAG_GIT_DIRTY,
+    TAG_PARENT_VERSION,
+    code_version,
+    package_dir,
+)
 from lesionflow.models.pyfunc import DEFAULT_THRESHOLD, WEIGHTS, SegmentationModel
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import save_model
 
-TAG_DATASET_MD5 = "lesionflow.dataset_md5"
-TAG_GIT_COMMIT = "lesionflow.git_commit"
-TAG_PARAMS_HASH = "lesionflow.params_hash"
-TAG_PIPELINE_RUN_ID = "lesionflow.pipeline_run_id"
-TAG_PARENT_VERSION = "lesionflow.parent_version"
-# set when training used pseudo-labels: the labelled dataset and the model that labelled it
-TAG_PSEUDO_DATASET_MD5 = "lesionflow.pseudo_dataset_md5"
-TAG_LABELLER_VERSION = "lesionflow.labeller_version"
-TAG_CORRECTIONS_MD5 = "lesionflow.corrections_md5"  # reviewer corrections trained on ("none")
-METRIC_TAG_PREFIX = "lesionflow.metric."
-LINEAGE_KEYS = (TAG_DATASET_MD5, TAG_GIT_COMMIT, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID, TAG_PARENT_VERSION,
-                TAG_PSEUDO_DATASET_MD5, TAG_LABELLER_VERSION, TAG_CORRECTIONS_MD5)
-# The caller must know these; git commit and parent version can be found out here.
-REQUIRED_LINEAGE = (TAG_DATASET_MD5, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID)
-
 CHAMPION = "champion"
-NONE = "none"
-Action = Literal["promote", "rollback", "set"]
+Action = Literal["promote", "rollback", "set"]  # "refuse" is recorded, but moves nothing
 ACTIONS = get_args(Action)
 
 
 def _client() -> MlflowClient:
     # Built per call so it follows whatever tracking URI is current.
     return MlflowClient()
-
-
-def git_commit(repo_dir: str | os.PathLike | None = None) -> str:
-    """The code version: HEAD of the checkout, else the SHA baked into the image, else "unknown"."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=False
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return os.environ.get("LESIONFLOW_GIT_SHA") or "unknown"
 
 
 def _pip_requirements() -> list[str]:
@@ -101,6 +84,12 @@ def _check_version(name: str, version: str) -> None:
         ) from e
 
 
+def newest_version(name: str) -> str | None:
+    """The most recently registered version (promoted or refused), or None."""
+    versions = _versions(name)
+    return versions[-1] if versions else None
+
+
 def champion_version(name: str) -> str | None:
     """The version the ``champion`` alias points at, or None (no alias or no such model yet)."""
     return _alias_version(name, CHAMPION)
@@ -116,6 +105,7 @@ def _alias_version(name: str, alias: str) -> str | None:
 def register_model(
     model: Segmenter | LesionTypeRouter, *, name: str, lineage: dict[str, str],
     metrics: dict[str, float], threshold: float = DEFAULT_THRESHOLD,
+    artifacts: dict[str, object] | None = None,
 ) -> str:
     """Log ``model`` in the active run as a pyfunc and register it as a new version of ``name``.
 
@@ -123,35 +113,51 @@ def register_model(
     ``threshold`` in its config) over the weights folder of ``store.save_model`` — weights and
     hyper-parameters, not a pickle of the module, so renaming code never breaks a stored version.
     Lineage and metrics go on the version (what the registry UI and the gate read) and on the run
-    (what the experiment UI shows). ``lineage`` is keyed by the ``TAG_*`` constants; the git commit
-    and the parent version (the champion right now, or "none") are filled in when absent.
-    Returns the new version number as a string.
+    (what the experiment UI shows). ``lineage`` is keyed by ``lesionflow.lineage`` tag names; the
+    code version (commit + dirty flag) and the parent version (the champion right now, or "none")
+    are filled in when absent. ``artifacts`` (path → JSON-able content, e.g. the resolved params)
+    are logged on the run first: a version is only created, with all its tags in the same call,
+    once everything it refers to is stored. Returns the new version number as a string.
     """
     run = mlflow.active_run()
     if run is None:
         raise RegistryError("register_model must be called inside an active MLflow run")
-    unknown = sorted(set(lineage) - set(LINEAGE_KEYS))
-    missing = [k for k in REQUIRED_LINEAGE if not lineage.get(k)]
+    unknown = sorted(set(lineage) - set(KEYS))
+    missing = [k for k in REQUIRED if not lineage.get(k)]
     if unknown or missing:
         raise RegistryError(
             f"lineage for {name!r}: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
-            f"keys are {list(LINEAGE_KEYS)}"
+            f"keys are {list(KEYS)}"
         )
+    commit, dirty = code_version(package_dir())
     tags = {
-        TAG_GIT_COMMIT: git_commit(),
+        TAG_GIT_COMMIT: commit,
+        TAG_GIT_DIRTY: str(dirty).lower(),
         TAG_PARENT_VERSION: champion_version(name) or NONE,
         **{k: str(v) for k, v in lineage.items()},
         **{METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in metrics.items()},
     }
+    for path, content in (artifacts or {}).items():
+        mlflow.log_text(json.dumps(content, indent=1, sort_keys=True), path)
     with tempfile.TemporaryDirectory(prefix="lesionflow-register-") as tmp:
         save_model(model, Path(tmp) / WEIGHTS)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=SegmentationModel(), artifacts={WEIGHTS: str(Path(tmp) / WEIGHTS)},
             model_config={"threshold": float(threshold)}, pip_requirements=_pip_requirements(),
         )
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
     mlflow.set_tags(tags)
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
     return str(mv.version)
+
+
+def version_artifact(name: str, version: str, path: str) -> dict | None:
+    """A JSON artifact of ``version``'s run (``lineage.*_ARTIFACT``), or None if it has none
+    (versions registered before it was stored)."""
+    run_id = version_info(name, version)["run_id"]
+    try:
+        return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{path}"))
+    except (MlflowException, OSError):
+        return None
 
 
 def version_info(name: str, version: str) -> dict:
@@ -178,35 +184,51 @@ def version_metrics(name: str, version: str) -> dict[str, float]:
 @dataclass(frozen=True)
 class GateDecision:
     promote: bool
-    reason: str
-    candidate: float
+    reason: str  # one line: why promoted, or every reason for refusing
+    candidate: float  # the gate metric over all compared records
     champion: float | None
+    refusals: tuple[str, ...] = ()
 
 
 def gate(
-    candidate_metrics: dict[str, float],
-    champion_metrics: dict[str, float] | None,
+    candidate: dict[str, dict[str, float]],
+    champion: dict[str, dict[str, float]] | None,
     metric: str = "dice",
     tolerance: float = 0.01,
+    max_type_drop: float = math.inf,
+    min_type_records: int = 1,
 ) -> GateDecision:
-    """Promote unless the candidate is worse than the champion by more than ``tolerance``.
-
-    The tolerance keeps retrains on fresh data (whose score wobbles) from being refused for noise.
+    """Promote unless the candidate is worse than the champion by more than ``tolerance`` overall,
+    or by more than ``max_type_drop`` on any lesion type with at least ``min_type_records``
+    compared records (seed 003: a model better on average but worse on one lesion type is not
+    better for the patients with that type). Both tables are per-type (``"overall"`` plus one row
+    per lesion type) over the same records. The tolerances keep retrains on fresh data (whose
+    score wobbles) from being refused for noise.
     """
-    if metric not in candidate_metrics:
-        raise RegistryError(f"gate metric {metric!r} missing from candidate metrics {sorted(candidate_metrics)}")
-    cand = float(candidate_metrics[metric])
-    if champion_metrics is None:
+    if metric not in candidate.get("overall", {}):
+        raise RegistryError(f"gate metric {metric!r} missing from candidate metrics {sorted(candidate.get('overall', {}))}")
+    cand = float(candidate["overall"][metric])
+    if champion is None:
         return GateDecision(True, f"no champion yet; candidate {metric}={cand:.4f} promoted", cand, None)
-    if metric not in champion_metrics:
-        raise RegistryError(f"gate metric {metric!r} missing from champion metrics {sorted(champion_metrics)}")
-    champ = float(champion_metrics[metric])
+    if metric not in champion.get("overall", {}):
+        raise RegistryError(f"gate metric {metric!r} missing from champion metrics {sorted(champion.get('overall', {}))}")
+    champ = float(champion["overall"][metric])
     floor = champ - tolerance
-    if cand >= floor:
-        reason = f"candidate {metric}={cand:.4f} >= champion {champ:.4f} - tolerance {tolerance:.4f} = {floor:.4f}"
-        return GateDecision(True, reason, cand, champ)
-    reason = f"candidate {metric}={cand:.4f} < champion {champ:.4f} - tolerance {tolerance:.4f} = {floor:.4f}"
-    return GateDecision(False, reason, cand, champ)
+    refusals = []
+    if cand < floor:
+        refusals.append(f"candidate {metric}={cand:.4f} < champion {champ:.4f} - tolerance {tolerance:.4f} = {floor:.4f}")
+    for lesion_type in sorted(set(candidate) & set(champion) - {"overall"}):
+        n = int(champion[lesion_type]["n"])
+        c, h = float(candidate[lesion_type][metric]), float(champion[lesion_type][metric])
+        if n >= min_type_records and c < h - max_type_drop:
+            refusals.append(f"{lesion_type}: candidate {metric}={c:.4f} < champion {h:.4f} - "
+                            f"max_type_drop {max_type_drop:.4f} (n={n})")
+    if refusals:
+        return GateDecision(False, "; ".join(refusals), cand, champ, tuple(refusals))
+    reason = f"candidate {metric}={cand:.4f} >= champion {champ:.4f} - tolerance {tolerance:.4f} = {floor:.4f}"
+    if math.isfinite(max_type_drop):
+        reason += f"; no lesion type drops more than {max_type_drop:.4f}"
+    return GateDecision(True, reason, cand, champ)
 
 
 @dataclass(frozen=True)
@@ -219,9 +241,10 @@ class AliasMove:
     when: str
     why: str
     action: str
+    candidate: str | None = None  # refusals: the version the gate kept out (to_version stays)
 
 
-_MOVE_FIELDS = ("model", "alias", "from_version", "to_version", "who", "when", "why", "action")
+_MOVE_FIELDS = ("model", "alias", "from_version", "to_version", "who", "when", "why", "action", "candidate")
 
 
 def _history_experiment(name: str) -> str:
@@ -232,7 +255,7 @@ def _who() -> str:
     return os.environ.get("LESIONFLOW_USER") or getpass.getuser()
 
 
-def _record(move: AliasMove) -> None:
+def _record(move: AliasMove, gate_record: dict | None = None) -> None:
     client = _client()
     exp_name = _history_experiment(move.model)
     exp = client.get_experiment_by_name(exp_name)
@@ -241,9 +264,11 @@ def _record(move: AliasMove) -> None:
     )
     tags = {f: (getattr(move, f) or NONE) for f in _MOVE_FIELDS}
     tags["mlflow.user"] = move.who
-    run = client.create_run(
-        exp_id, tags=tags, run_name=f"{move.action} {move.alias}: {move.from_version or NONE} -> {move.to_version}"
-    )
+    label = (f"refuse v{move.candidate}: {move.alias} stays v{move.to_version}" if move.action == "refuse"
+             else f"{move.action} {move.alias}: {move.from_version or NONE} -> {move.to_version}")
+    run = client.create_run(exp_id, tags=tags, run_name=label)
+    if gate_record is not None:
+        client.log_text(run.info.run_id, json.dumps(gate_record, indent=1, sort_keys=True), "gate.json")
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
@@ -258,14 +283,17 @@ def history(name: str, alias: str = CHAMPION) -> list[AliasMove]:
     for r in runs:
         t = r.data.tags
         values = {f: t.get(f, NONE) for f in _MOVE_FIELDS}
-        values["from_version"] = None if values["from_version"] == NONE else values["from_version"]
+        for optional in ("from_version", "candidate"):
+            values[optional] = None if values[optional] == NONE else values[optional]
         moves.append(AliasMove(**values))
     # `when` has microseconds in one fixed format, so it sorts as text.
     return sorted(moves, key=lambda m: m.when)
 
 
-def move_alias(name: str, alias: str, version: str, *, why: str, action: Action) -> AliasMove:
-    """Point ``alias`` at ``version`` after writing the move to the history (so no move goes unlogged)."""
+def move_alias(name: str, alias: str, version: str, *, why: str, action: Action,
+               gate_record: dict | None = None) -> AliasMove:
+    """Point ``alias`` at ``version`` after writing the move (and the gate record behind a
+    promotion) to the history, so no move goes unlogged."""
     if action not in ACTIONS:
         raise RegistryError(f"alias action {action!r} must be one of {ACTIONS}")
     version = str(version)
@@ -280,8 +308,19 @@ def move_alias(name: str, alias: str, version: str, *, why: str, action: Action)
         why=why,
         action=action,
     )
-    _record(move)
+    _record(move, gate_record)
     _client().set_registered_model_alias(name, alias, version)
+    return move
+
+
+def record_refusal(name: str, candidate: str, *, why: str, gate_record: dict) -> AliasMove:
+    """Write a refused promotion to the ``champion`` history: the alias stays where it is, and
+    reviewers see the candidate, the reasons and the full gate record next to the real moves."""
+    current = champion_version(name)
+    move = AliasMove(model=name, alias=CHAMPION, from_version=current, to_version=current or NONE,
+                     who=_who(), when=datetime.now(UTC).isoformat(timespec="microseconds"), why=why,
+                     action="refuse", candidate=str(candidate))
+    _record(move, gate_record)
     return move
 
 
@@ -290,6 +329,8 @@ def _champion_stack(name: str) -> list[str]:
     never on the stack). The top is the champion; the entry below it is what a rollback restores."""
     stack: list[str] = []
     for m in history(name, CHAMPION):
+        if m.action == "refuse":
+            continue
         if m.action == "rollback" and m.to_version in stack:
             while stack[-1] != m.to_version:
                 stack.pop()

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from lesionflow import lineage
 from lesionflow.config import Params
 
-PIPELINE_RUN_TAG = "lesionflow.pipeline_run_id"
-STEP_TAG = "lesionflow.step"
+PIPELINE_RUN_TAG = lineage.TAG_PIPELINE_RUN_ID
+STEP_TAG = lineage.TAG_STEP
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -31,7 +32,7 @@ def connect(params: Params) -> str:
     if uri.startswith("sqlite:///"):
         params.runtime.resolved_workdir().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_registry_uri(uri)  # the registry lives in the same store; never a stale one
     experiment_id = ensure_experiment(params, params.runtime.experiment)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
@@ -60,7 +61,7 @@ def parent_run_id(params: Params, pipeline_run_id: str) -> str:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"pipeline {pipeline_run_id}",
                             tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: "pipeline",
-                                  "lesionflow.params_hash": params.digest()})
+                                  lineage.TAG_PARAMS_HASH: params.digest()})
     return run.info.run_id
 
 

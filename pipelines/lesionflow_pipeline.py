@@ -20,20 +20,17 @@ def build(cluster: ClusterConfig | None = None):
                   description="ingest → synthesize_video → pseudo_label → meta_train → evaluate → register (gated)")
     def lesionflow_pipeline(params_json: str) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        ingest = steps.ingest(params_json=params_json, pipeline_run_id=run_id)
-        video = steps.synthesize_video(params_json=params_json, pipeline_run_id=run_id,
+        common = {"params_json": params_json, "pipeline_run_id": run_id}
+        ingest = steps.ingest(**common, lineage_json="")
+        video = steps.synthesize_video(**common, lineage_json=ingest.outputs["lineage"],
                                        dataset=ingest.outputs["dataset"])
-        labels = steps.pseudo_label(params_json=params_json, pipeline_run_id=run_id,
+        labels = steps.pseudo_label(**common, lineage_json=video.outputs["lineage"],
                                     dataset=video.outputs["augmented"])
-        train = steps.meta_train(params_json=params_json, pipeline_run_id=run_id,
+        train = steps.meta_train(**common, lineage_json=labels.outputs["lineage"],
                                  dataset=labels.outputs["labelled"])
-        evaluate = steps.evaluate(params_json=params_json, pipeline_run_id=run_id,
+        evaluate = steps.evaluate(**common, lineage_json=train.outputs["Output"],
                                   dataset=ingest.outputs["dataset"], model=train.outputs["model"])
-        register = steps.register(params_json=params_json, pipeline_run_id=run_id,
-                                  dataset_md5=ingest.outputs["dvc_md5"],
-                                  pseudo_dataset_md5=labels.outputs["dvc_md5"],
-                                  labeller=labels.outputs["labeller"],
-                                  corrections_md5=ingest.outputs["corrections_md5"],
+        register = steps.register(**common, lineage_json=train.outputs["Output"],
                                   model=train.outputs["model"], report=evaluate.outputs["report"])
         for task in (ingest, labels, evaluate, register):
             configure(task, cluster)

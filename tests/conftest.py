@@ -85,22 +85,48 @@ def s3_bucket(s3_server, request):
     return name
 
 
+class MlflowServer(str):
+    """A running `mlflow server`. The string is its URL (so f"...={mlflow_server}" works);
+    ``root`` holds its own SQLite store (``db``) and the artifacts it serves (``artifacts``), for
+    tests that check what really reached the server."""
+
+    def __new__(cls, url: str, root: Path) -> MlflowServer:
+        server = super().__new__(cls, url)
+        server.root = root
+        return server
+
+    @property
+    def url(self) -> str:
+        return str(self)
+
+    @property
+    def db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process over HTTP with a SQLite store; yields its URL."""
+    """A real `mlflow server` process over HTTP with a SQLite store that serves artifacts itself
+    (clients upload through it, as pods do); yields an ``MlflowServer``."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     proc = subprocess.Popen(
         [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
+         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        # no GenAI job runner: it forks eight huey consumers, slowing start-up and shutdown
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(f"http://127.0.0.1:{port}", root)
     try:
-        wait_http(f"{url}/health", timeout=90, proc=proc)
-        yield url
+        wait_http(f"{server.url}/health", timeout=90, proc=proc)
+        yield server
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesionflow import cli, config, corrections, registry, retrain, tracking
+from lesionflow import cli, config, corrections, lineage, registry, retrain, tracking
 from lesionflow.data.manifest import (
     Record,
     read_manifest,
@@ -39,8 +39,8 @@ def register_version(params, corrections_md5: str = "none") -> str:
     model = Segmenter(UNet(3, 4, 2), 16, [0.0] * 3, [1.0] * 3)
     with mlflow.start_run():
         return registry.register_model(model, name=params.runtime.model_name, metrics={}, lineage={
-            registry.TAG_DATASET_MD5: "0" * 32 + ".dir", registry.TAG_PARAMS_HASH: "p",
-            registry.TAG_PIPELINE_RUN_ID: "r", registry.TAG_CORRECTIONS_MD5: corrections_md5})
+            lineage.TAG_DATASET_MD5: "0" * 32 + ".dir", lineage.TAG_PARAMS_HASH: "p",
+            lineage.TAG_PIPELINE_RUN_ID: "r", lineage.TAG_CORRECTIONS_MD5: corrections_md5})
 
 
 def pixels(seed: int, size: int = 24) -> np.ndarray:

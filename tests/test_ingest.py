@@ -9,12 +9,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lesionflow import config
 from lesionflow.config import IngestConfig
 from lesionflow.data.ingest import REPORT, assign_splits, ingest
 from lesionflow.data.manifest import MANIFEST, read_fingerprint, read_manifest
@@ -28,6 +30,7 @@ from lesionflow.errors import (
     OrphanMaskError,
     UnreadableImageError,
 )
+from tests.conftest import REPO, shared_dataset
 
 
 def write_pair(root: Path, rel: str, seed: int, size=(40, 32), mask: bool = True, mode: str = "RGB",
@@ -113,7 +116,7 @@ def test_same_input_and_seed_give_identical_bytes(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert listing(tmp_path / "a") == listing(tmp_path / "b")
     assert (tmp_path / "a" / MANIFEST).read_bytes() != (tmp_path / "c" / MANIFEST).read_bytes()
-    assert a.counts["split"] == {"test": 3, "train": 14, "val": 3}
+    assert sum(a.counts["split"].values()) == 20 and set(a.counts["split"]) == {"train", "val", "test"}
 
 
 def test_existing_empty_out_dir_is_filled(tmp_path, out):
@@ -217,19 +220,85 @@ def test_identical_pixels_merge_groups(tmp_path, out):
     assert by_id["black_1"].group != by_id["black_2"].group
 
 
-def test_splits_are_stratified_and_every_split_gets_a_group():
-    groups = {f"a{i}": (1, "a") for i in range(20)} | {f"b{i}": (1, "b") for i in range(10)}
-    split = assign_splits(groups, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
-    for t, n in (("a", 20), ("b", 10)):
-        counts = [sum(1 for g, s in split.items() if g[0] == t and s == name)
-                  for name in ("train", "val", "test")]
-        assert counts == [int(n * 0.6), int(n * 0.2), int(n * 0.2)]
-    tiny = assign_splits({"x": (50, "t"), "y": (1, "t"), "z": (1, "t")},
-                         {"train": 0.9, "val": 0.05, "test": 0.05}, seed=0)
+FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+def test_split_proportions_follow_the_fractions_within_each_type():
+    # lesion types are not an input: the hash is uniform within each type's ids
+    for seed in (0, 1):
+        for lesion_type in ("benign", "malignant"):
+            ids = [f"{lesion_type}-patient-{i}" for i in range(3000)]
+            counts = Counter(assign_splits(ids, FRACTIONS, seed).values())
+            for name, fraction in FRACTIONS.items():
+                assert counts[name] / len(ids) == pytest.approx(fraction, abs=0.03)
+    assert assign_splits(ids, FRACTIONS, 0) != assign_splits(ids, FRACTIONS, 1)
+
+
+def test_small_datasets_still_get_every_split_moving_only_the_nearest():
+    fractions = {"train": 0.9, "val": 0.05, "test": 0.05}
+    tiny = assign_splits(["x", "y", "z"], fractions, seed=0)
     assert sorted(tiny.values()) == ["test", "train", "val"]
-    no_val = assign_splits({f"g{i}": (1, "t") for i in range(5)},
-                           {"train": 0.8, "val": 0.0, "test": 0.2}, seed=1)
-    assert "val" not in no_val.values()
+    # alone, a group has no fallback: its split is its hash's
+    alone = {g: assign_splits([g], fractions, seed=0)[g] for g in tiny}
+    assert sum(tiny[g] != alone[g] for g in tiny) == 3 - len(set(alone.values()))
+    no_val = assign_splits([f"g{i}" for i in range(5)], {"train": 0.8, "val": 0.0, "test": 0.2},
+                           seed=1)
+    assert "val" not in no_val.values() and "test" in no_val.values()
+    # with two groups there is nothing to fall back on: each keeps its hash's split
+    assert assign_splits(["x", "y"], fractions, seed=0) == {"x": alone["x"], "y": alone["y"]}
+
+
+def test_adding_a_quarter_more_groups_moves_no_existing_group():
+    old = [f"patient-{i:03d}" for i in range(120)]
+    before = assign_splits(old, FRACTIONS, seed=0)
+    after = assign_splits(old + [f"new-{i:03d}" for i in range(30)], FRACTIONS, seed=0)
+    assert {g: after[g] for g in old} == before
+
+
+def test_removing_groups_moves_nothing():
+    groups = [f"patient-{i:03d}" for i in range(120)]
+    before = assign_splits(groups, FRACTIONS, seed=0)
+    kept = groups[::3]
+    assert assign_splits(kept, FRACTIONS, seed=0) == {g: before[g] for g in kept}
+
+
+def test_reingesting_with_extra_images_keeps_every_old_split(tmp_path):
+    src = tmp_path / "src"
+    rows = []
+    for i in range(40):
+        write_pair(src, f"img_{i:02d}", seed=i)
+        rows.append({"id": f"img_{i:02d}", "patient": f"p{i % 12:02d}"})
+    write_csv(src / "meta.csv", rows)
+    settings = {"metadata_csv": "meta.csv", "columns": {"id": "id", "group": "patient"}}
+    ingest(cfg(src, **settings), tmp_path / "v1", seed=0)
+    before = {r.id: r.split for r in read_manifest(tmp_path / "v1")}
+
+    for i in range(40, 60):  # more images of old patients, and new patients
+        write_pair(src, f"img_{i:02d}", seed=i)
+        rows.append({"id": f"img_{i:02d}", "patient": f"p{i % 18:02d}"})
+    write_csv(src / "meta.csv", rows)
+    ingest(cfg(src, **settings), tmp_path / "v2", seed=0)
+    after = read_manifest(tmp_path / "v2")
+    assert len(after) == 60
+    assert {r.id: r.split for r in after if r.id in before} == before
+    split_of = {r.group: r.split for r in after}
+    assert all(r.split == split_of[r.group] for r in after)
+
+
+def test_cvc_clinicdb_sequences_stay_whole_and_every_split_is_filled(tmp_path):
+    src = shared_dataset("cvc-clinicdb")
+    params = config.load([REPO / "params.yaml", REPO / "configs/cvc-clinicdb.yaml"],
+                         overrides=[f"ingest.source={src}", "ingest.max_side=32"])
+    ingest(params.ingest, tmp_path / "cvc", seed=params.seed)
+    records = read_manifest(tmp_path / "cvc")
+    with open(src / "sequences.csv", newline="") as f:
+        sequence_of = {row["frame"]: row["sequence"] for row in csv.DictReader(f)}
+    splits_of_sequence = defaultdict(set)
+    for r in records:
+        splits_of_sequence[sequence_of[r.id]].add(r.split)
+    assert len(records) == len(sequence_of) and len(splits_of_sequence) == 29
+    assert all(len(splits) == 1 for splits in splits_of_sequence.values())
+    assert {r.split for r in records} == {"train", "val", "test"}
 
 
 # --- bad input: raise mode names the file and leaves nothing behind --------------------------------

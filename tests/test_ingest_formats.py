@@ -35,8 +35,8 @@ from lesionflow.errors import MaskSizeMismatchError, UnreadableImageError
 PATIENT_ID = "12345"
 
 
-def write_dicom(path: Path, pixels: np.ndarray, patient_id: str = PATIENT_ID) -> None:
-    """A minimal but valid 16-bit CT-like DICOM carrying the usual identifiers."""
+def write_dicom(path: Path, pixels: np.ndarray, patient_id: str = PATIENT_ID, **attrs) -> None:
+    """A minimal but valid 16-bit CT-like DICOM carrying the usual identifiers (and ``attrs``)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -67,6 +67,8 @@ def write_dicom(path: Path, pixels: np.ndarray, patient_id: str = PATIENT_ID) ->
     ds.WindowCenter = 40
     ds.WindowWidth = 400
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
     block = ds.private_block(0x0011, "ACME Scanner", create=True)
     block.add_new(0x01, "LO", "Doe^Jane 12345")
     ds.save_as(path, enforce_file_format=True)
@@ -87,11 +89,12 @@ def test_dicom_is_windowed_and_deidentified(tmp_path):
     path = tmp_path / "x.dcm"
     pixels = ct_pixels(0)
     write_dicom(path, pixels)
-    image, pseudonym = read_dicom(path)
+    image, pseudonym, spacing = read_dicom(path)
     hu = pixels.astype(np.int32) - 1024
     assert image.dtype == np.uint8 and image.shape == pixels.shape
     assert (image[hu <= -160] == 0).all() and (image[hu >= 240] == 255).all()
     assert pseudonym == "p-" + hashlib.sha256(PATIENT_ID.encode()).hexdigest()[:12]
+    assert spacing is None
     assert np.array_equal(read_image(path), image)
 
     ds = deidentify(pydicom.dcmread(path))
@@ -160,12 +163,15 @@ def test_volumes_become_slice_records(tmp_path, fmt):
         nrrd.write(str(src / "images" / "ct.nrrd"), image)
         nrrd.write(str(src / "masks" / "ct.nrrd"), mask)
     (volume_file,) = (src / "images").iterdir()
-    assert read_volume(volume_file).shape == (16, 12, 5)
+    volume, voxel = read_volume(volume_file)
+    assert volume.shape == (16, 12, 5)
+    assert voxel == ((1.0, 1.0, 1.0) if fmt == "nifti" else None)  # bare NRRD: no geometry
 
     ingest(IngestConfig(source=str(src), volume_slice_axis=2), out, seed=0)
     records = read_manifest(out)
     assert [r.id for r in records] == [f"ct_s{k:03d}" for k in range(5)]
     assert {(r.group, r.height, r.width, r.kind) for r in records} == {("ct", 16, 12, "still")}
+    assert {r.spacing for r in records} == {(1.0, 1.0) if fmt == "nifti" else None}
     assert len({r.split for r in records}) == 1
     areas = [int((np.asarray(Image.open(out / r.mask)) > 0).sum()) for r in records]
     assert areas == [0, 12, 12, 12, 0]
@@ -173,6 +179,96 @@ def test_volumes_become_slice_records(tmp_path, fmt):
     ingest(IngestConfig(source=str(src), volume_slice_axis=0), tmp_path / "out0", seed=0)
     records = read_manifest(tmp_path / "out0")
     assert len(records) == 16 and (records[0].height, records[0].width) == (12, 5)
+
+
+def test_dicom_pixel_spacing_reaches_the_record_and_scales_with_it(tmp_path):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    write_dicom(src / "images" / "ct.dcm", ct_pixels(0), PixelSpacing=[0.5, 0.8])
+    write_dicom(src / "images" / "xray.dcm", ct_pixels(1), patient_id="2",
+                ImagerPixelSpacing=[0.15, 0.15])
+    write_dicom(src / "images" / "unknown.dcm", ct_pixels(2), patient_id="3", PixelSpacing=[0, 0])
+    Image.fromarray(blob_mask((24, 32))).save(src / "images" / "photo.png")
+    assert read_dicom(src / "images" / "ct.dcm")[2] == (0.5, 0.8)
+
+    ingest(IngestConfig(source=str(src)), tmp_path / "full", seed=0)
+    spacing = {r.id: r.spacing for r in read_manifest(tmp_path / "full")}
+    assert spacing == {"ct": (0.5, 0.8), "xray": (0.15, 0.15), "unknown": None, "photo": None}
+
+    # 24x32 → 12x16: every stored pixel covers twice the mm along both axes
+    ingest(IngestConfig(source=str(src), max_side=16), tmp_path / "small", seed=0)
+    by_id = {r.id: r for r in read_manifest(tmp_path / "small")}
+    assert (by_id["ct"].height, by_id["ct"].width) == (12, 16)
+    assert by_id["ct"].spacing == pytest.approx((1.0, 1.6))
+
+
+def _slices(out: Path, stem: str, key: str = "image") -> list[np.ndarray]:
+    records = sorted((r for r in read_manifest(out) if r.id.startswith(stem)), key=lambda r: r.id)
+    return [np.asarray(Image.open(out / getattr(r, key))) for r in records]
+
+
+def test_nifti_is_sliced_in_canonical_orientation_with_in_plane_spacing(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    # one anatomy (x: R, y: A, z: S) stored twice: canonically with voxels 0.9 x 2.5 x 0.7 mm, and
+    # as another scanner writes it, axes (S, L, A) with zooms (0.7, 0.9, 2.5)
+    canon = np.random.default_rng(0).normal(100, 30, (12, 10, 6)).astype(np.float32)
+    canon_mask = np.zeros(canon.shape, np.uint8)
+    canon_mask[1:4, 6:9, 2:5] = 1  # off-centre, so a wrong flip or transpose moves it
+    stored, stored_mask = (np.transpose(v[::-1], (2, 0, 1)) for v in (canon, canon_mask))
+    affine = np.array([[0, -0.9, 0, 11 * 0.9], [0, 0, 2.5, 0], [0.7, 0, 0, 0], [0, 0, 0, 1]])
+    scanner = nibabel.Nifti1Image(stored, affine)
+    assert scanner.header.get_zooms() == pytest.approx((0.7, 0.9, 2.5))
+    assert nibabel.aff2axcodes(affine) == ("S", "L", "A")
+    nibabel.save(scanner, src / "images" / "scanner.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(stored_mask, affine), src / "masks" / "scanner.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(canon, np.diag([0.9, 2.5, 0.7, 1])),
+                 src / "images" / "canon.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(canon_mask, np.diag([0.9, 2.5, 0.7, 1])),
+                 src / "masks" / "canon.nii.gz")
+    volume, voxel = read_volume(src / "images" / "scanner.nii.gz")
+    assert np.array_equal(volume, np.asanyarray(nibabel.as_closest_canonical(scanner).dataobj))
+    assert voxel == pytest.approx((0.9, 2.5, 0.7))
+
+    ingest(IngestConfig(source=str(src), volume_slice_axis=2), out, seed=0)
+    records = {r.id: r for r in read_manifest(out)}
+    assert [k for k in records if k.startswith("scanner")] == [f"scanner_s{k:03d}" for k in range(6)]
+    assert all(r.spacing == pytest.approx((0.9, 2.5)) for r in records.values())
+    assert (records["scanner_s000"].height, records["scanner_s000"].width) == (12, 10)
+    for key in ("image", "mask"):
+        for a, b in zip(_slices(out, "scanner", key), _slices(out, "canon", key), strict=True):
+            assert np.array_equal(a, b)
+
+    ingest(IngestConfig(source=str(src), volume_slice_axis=0), tmp_path / "sagittal", seed=0)
+    (first, *_) = (r for r in read_manifest(tmp_path / "sagittal") if r.id.startswith("scanner"))
+    assert (first.height, first.width) == (10, 6) and first.spacing == pytest.approx((2.5, 0.7))
+
+
+def test_nrrd_spacing_and_lps_orientation(tmp_path):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    image, _ = _volumes((40, 12, 5))
+    directions = np.diag([0.6, 0.8, 3.0])
+    nrrd.write(str(src / "images" / "lps.nrrd"), image,
+               {"space": "left-posterior-superior", "space directions": directions})
+    nrrd.write(str(src / "images" / "bare.nrrd"), image, {"spacings": [0.6, 0.8, 3.0]})
+    volume, voxel = read_volume(src / "images" / "lps.nrrd")
+    # stored axes run towards L and P: RAS+ order flips both
+    assert np.array_equal(volume, image[::-1, ::-1]) and voxel == pytest.approx((0.6, 0.8, 3.0))
+    volume, voxel = read_volume(src / "images" / "bare.nrrd")
+    assert np.array_equal(volume, image) and voxel == pytest.approx((0.6, 0.8, 3.0))
+
+    ingest(IngestConfig(source=str(src), volume_slice_axis=2), tmp_path / "out", seed=0)
+    assert all(r.spacing == pytest.approx((0.6, 0.8)) for r in read_manifest(tmp_path / "out"))
+    for lps, bare in zip(_slices(tmp_path / "out", "lps"), _slices(tmp_path / "out", "bare"),
+                         strict=True):
+        assert np.array_equal(lps, bare[::-1, ::-1])
+    ingest(IngestConfig(source=str(src), volume_slice_axis=1, max_side=16), tmp_path / "small",
+           seed=0)
+    record = read_manifest(tmp_path / "small")[0]  # 40 x 5 slices shrunk to 16 x 2
+    assert (record.height, record.width) == (16, 2)
+    assert record.spacing == pytest.approx((0.6 * 40 / 16, 3.0 * 5 / 2))
 
 
 def test_volume_mask_shape_mismatch_is_named(tmp_path):

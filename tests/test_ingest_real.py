@@ -65,7 +65,10 @@ def test_kvasir_seg_downscaled(tmp_path):
     records = read_manifest(tmp_path / "kvasir")
     assert report.n_records == len(records) == 1000
     assert max(max(r.height, r.width) for r in records) == 256
-    assert report.counts["split"] == {"test": 150, "train": 700, "val": 150}
+    # a keyed hash of each image's group decides its split: the fractions hold within a few %
+    counts = report.counts["split"]
+    assert abs(counts["train"] - 700) < 35 and abs(counts["val"] - 150) < 25 and abs(counts["test"] - 150) < 25
+    assert {r.labelled_by for r in records} == {"annotator:unknown"}
     for r in records[::100]:
         assert Image.open(tmp_path / "kvasir" / r.image).size == (r.width, r.height)
         assert Image.open(tmp_path / "kvasir" / r.mask).size == (r.width, r.height)

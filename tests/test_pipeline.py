@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import lesionflow
-from lesionflow import config, registry
+from lesionflow import config, lineage, registry
 from pipelines.lesionflow_pipeline import COMPILED, compile_pipeline
 from tests.conftest import REPO
 
@@ -38,7 +38,13 @@ def test_compiled_pipeline_wires_the_steps_on_one_image():
     assert tasks["synthesize-video"]["dependentTasks"] == ["ingest"]
     assert tasks["pseudo-label"]["dependentTasks"] == ["synthesize-video"]
     assert tasks["meta-train"]["dependentTasks"] == ["pseudo-label"]
-    assert set(tasks["register"]["dependentTasks"]) == {"evaluate", "ingest", "meta-train", "pseudo-label"}
+    assert set(tasks["register"]["dependentTasks"]) == {"evaluate", "meta-train"}
+    # lineage travels step to step: register gets what every step added, through meta_train
+    lineage_in = tasks["register"]["inputs"]["parameters"]["lineage_json"]["taskOutputParameter"]
+    assert lineage_in["producerTask"] == "meta-train"
+    for task, upstream in (("synthesize-video", "ingest"), ("pseudo-label", "synthesize-video"),
+                           ("meta-train", "pseudo-label")):
+        assert tasks[task]["inputs"]["parameters"]["lineage_json"]["taskOutputParameter"]["producerTask"] == upstream
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {lesionflow.IMAGE}
     # the default cluster settings: every step gets the credentials Secret as env, nothing else
@@ -75,16 +81,41 @@ def test_main_job_runs_locally_twice_then_rolls_back(tmp_path):
     tracking.connect(params)
     name = params.runtime.model_name
     v1, v2 = registry.version_info(name, "1"), registry.version_info(name, "2")
-    assert v1["tags"][registry.TAG_DATASET_MD5] == v2["tags"][registry.TAG_DATASET_MD5]  # deterministic data
-    assert v1["tags"][registry.TAG_DATASET_MD5].endswith(".dir")
-    assert v1["tags"][registry.TAG_PARENT_VERSION] == "none"
-    assert v2["tags"][registry.TAG_PARENT_VERSION] == "1"
+    assert v1["tags"][lineage.TAG_DATASET_MD5] == v2["tags"][lineage.TAG_DATASET_MD5]  # deterministic data
+    assert v1["tags"][lineage.TAG_DATASET_MD5].endswith(".dir")
+    assert v1["tags"][lineage.TAG_PARENT_VERSION] == "none"
+    assert v2["tags"][lineage.TAG_PARENT_VERSION] == "1"
     # run 1 had no champion to label with; run 2's pseudo-labels came from v1
-    assert v1["tags"][registry.TAG_LABELLER_VERSION] == "none"
-    assert v2["tags"][registry.TAG_LABELLER_VERSION] == f"{params.runtime.model_name}@1"
-    assert v1["tags"][registry.TAG_PSEUDO_DATASET_MD5] != v2["tags"][registry.TAG_PSEUDO_DATASET_MD5]
-    assert v1["tags"][registry.TAG_PARAMS_HASH] != v2["tags"][registry.TAG_PARAMS_HASH]
+    assert v1["tags"][lineage.TAG_LABELLER_VERSION] == "none"
+    assert v2["tags"][lineage.TAG_LABELLER_VERSION] == f"{params.runtime.model_name}@1"
+    assert v1["tags"][lineage.TAG_PSEUDO_DATASET_MD5] != v2["tags"][lineage.TAG_PSEUDO_DATASET_MD5]
+    assert v1["tags"][lineage.TAG_PARAMS_HASH] != v2["tags"][lineage.TAG_PARAMS_HASH]
     assert (workdir / "dvc-remote").is_dir() and any((workdir / "dvc-remote").rglob("*"))
+    # lineage that rebuilds: full params, G's id, records trained on, per-record provenance
+    assert registry.version_artifact(name, "2", lineage.PARAMS_ARTIFACT)["meta_train"]["outer_steps"] == 4
+    assert v1["tags"][lineage.TAG_VIDEO_MODEL].startswith("runs:/")
+    assert v1["tags"][lineage.TAG_GIT_DIRTY] in ("true", "false")
+    trained = registry.version_artifact(name, "1", lineage.RECORDS_ARTIFACT)
+    assert {row["split"] for row in trained} == {"train", "val"}
+    assert {row["labelled_by"] for row in trained if row["kind"] == "still"} == {"annotator:unknown"}
+    assert {row["labelled_by"] for row in trained if row["kind"] == "synthetic_video"} <= {
+        v1["tags"][lineage.TAG_VIDEO_MODEL]}
+    # run 2: the champion judged G's masks but did not draw them; it drew the hidden ones
+    authors = {(row["kind"], row["labelled_by"])
+               for row in registry.version_artifact(name, "2", lineage.RECORDS_ARTIFACT)}
+    assert ("pseudo_label", f"{name}@1") in authors
+    assert {who for kind, who in authors if kind == "synthetic_video"} <= {v2["tags"][lineage.TAG_VIDEO_MODEL]}
+    gate_record = registry.version_artifact(name, "2", lineage.GATE_ARTIFACT)
+    compared = gate_record["comparison"]
+    assert compared["champion_version"] == "1" and compared["n"] > 0
+    assert compared["excluded"]["seen_by_champion"] == 0  # same stable splits: nothing leaked
+    assert registry.version_info(name, "2")["tags"][lineage.TAG_GATE_N] == str(compared["n"])
+
+    # rebuilt from its lineage alone: the same weights, so exactly the same metrics
+    rebuilt = subprocess.run(base + ["reproduce", "1", "--params", str(REPO / "params.yaml"), *overrides],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rebuilt.returncode == 0, rebuilt.stdout[-3000:] + rebuilt.stderr[-3000:]
+    assert "reproduced: largest difference 0.000000" in rebuilt.stdout
 
     champion = registry.champion_version(name)
     moves = registry.history(name)

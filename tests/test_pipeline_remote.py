@@ -11,7 +11,7 @@ import boto3
 import mlflow
 import pytest
 
-from lesionflow import registry
+from lesionflow import lineage, registry
 from lesionflow.versioning import restore_dataset
 from tests.conftest import REPO
 from tests.test_pipeline import TINY
@@ -39,7 +39,7 @@ def test_pipeline_with_mlflow_server_and_s3_remote(tmp_path, mlflow_server, s3_s
     mlflow.set_registry_uri(mlflow_server)
     name = "remote-segmenter"
     info = registry.version_info(name, "2")
-    md5 = info["tags"][registry.TAG_DATASET_MD5]
+    md5 = info["tags"][lineage.TAG_DATASET_MD5]
     # the lineage hash alone brings the exact training data back from S3
     restored = restore_dataset(md5, tmp_path / "restored", remote=f"s3://{s3_bucket}/datasets",
                                endpoint_url=s3_server)

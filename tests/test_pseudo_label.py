@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lesionflow import config, registry, tracking
-from lesionflow.data.manifest import read_manifest
+from lesionflow import config, lineage, registry, tracking
+from lesionflow.data.manifest import TRUSTED_KINDS, read_manifest, write_manifest
 from lesionflow.models.router import LesionTypeRouter, UnknownLesionTypeError
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import load_model, save_model
@@ -113,23 +113,27 @@ def test_without_champion_labelled_data_passes_through_as_good(small_project, tm
     assert not any((tmp_path / "labelled" / "masks" / f"{i}.png").exists() for i in hidden)
 
 
-def test_with_champion_every_train_record_is_scored_and_split(small_project, tmp_path):
+def test_with_champion_model_made_masks_are_scored_and_split(small_project, tmp_path):
     params, dataset = small_project
     name = params.runtime.model_name
     with mlflow.start_run():
         version = registry.register_model(new_segmenter(params, dataset), name=name, metrics={},
-                                          lineage={registry.TAG_DATASET_MD5: "x.dir",
-                                                   registry.TAG_PARAMS_HASH: "p",
-                                                   registry.TAG_PIPELINE_RUN_ID: "r"})
+                                          lineage={lineage.TAG_DATASET_MD5: "x.dir",
+                                                   lineage.TAG_PARAMS_HASH: "p",
+                                                   lineage.TAG_PIPELINE_RUN_ID: "r"})
     registry.move_alias(name, "champion", version, why="test", action="set")
     before = (dataset / "manifest.jsonl").read_bytes()
     with mlflow.start_run():
         report = pseudo_label(params, dataset, tmp_path / "labelled")
     assert report.labeller == f"{name}@{version}" and report.cutoff == 0.8
     out = read_manifest(tmp_path / "labelled")
-    train = [r for r in out if r.split == "train"]
-    assert all(r.score is not None and r.quality in ("good", "bad") for r in train)
-    assert all((r.quality == "good") == (r.score >= 0.8) for r in train)
+    train = [r for r in out if r.split == "train" and r.mask is not None]
+    truth = [r for r in train if r.kind in TRUSTED_KINDS]
+    made = [r for r in train if r.kind not in TRUSTED_KINDS]
+    assert truth and made
+    # people's masks are never judged by a model: always good, never scored
+    assert all(r.quality == "good" and r.score is None for r in truth)
+    assert all(r.score is not None and (r.quality == "good") == (r.score >= 0.8) for r in made)
     pseudo = [r for r in train if r.kind == "pseudo_label"]
     assert len(pseudo) == report.counts["pseudo_labelled"] == report.counts["hidden"] > 0
     assert all((tmp_path / "labelled" / r.mask).is_file() and r.labelled_by for r in pseudo)
@@ -160,8 +164,8 @@ def test_per_type_champion_leaves_unknown_types_unlabelled(small_project, tmp_pa
     with mlflow.start_run():
         version = registry.register_model(
             LesionTypeRouter({"round": new_segmenter(params, dataset)}), name=name, metrics={},
-            lineage={registry.TAG_DATASET_MD5: "x.dir", registry.TAG_PARAMS_HASH: "p",
-                     registry.TAG_PIPELINE_RUN_ID: "r"})
+            lineage={lineage.TAG_DATASET_MD5: "x.dir", lineage.TAG_PARAMS_HASH: "p",
+                     lineage.TAG_PIPELINE_RUN_ID: "r"})
     registry.move_alias(name, "champion", version, why="test", action="set")
     with mlflow.start_run():
         report = pseudo_label(params, dataset, tmp_path / "labelled")
@@ -169,3 +173,46 @@ def test_per_type_champion_leaves_unknown_types_unlabelled(small_project, tmp_pa
     out = [r for r in read_manifest(tmp_path / "labelled") if r.split == "train"]
     assert all(r.kind != "pseudo_label" and r.score is None for r in out if r.lesion_type == "elongated")
     assert any(r.kind == "pseudo_label" for r in out if r.lesion_type == "round")
+
+
+def test_trusted_labels_stay_good_under_a_champion_that_disagrees(small_project, tmp_path):
+    """A champion that predicts nothing gets Dice 0 against every true mask: with the ``dice``
+    scorer the old step put all ground truth in the bad pool. People's masks are never judged."""
+    params, dataset = small_project
+    params = params.model_copy(update={"pseudo_label": params.pseudo_label.model_copy(
+        update={"scorer": "dice"})})
+    name = params.runtime.model_name
+    with mlflow.start_run():
+        version = registry.register_model(constant_segmenter(-10.0), name=name, metrics={},
+                                          lineage={lineage.TAG_DATASET_MD5: "x.dir",
+                                                   lineage.TAG_PARAMS_HASH: "p",
+                                                   lineage.TAG_PIPELINE_RUN_ID: "r"})
+    registry.move_alias(name, "champion", version, why="test", action="set")
+    with mlflow.start_run():
+        pseudo_label(params, dataset, tmp_path / "labelled")
+    train = [r for r in read_manifest(tmp_path / "labelled") if r.split == "train" and r.mask]
+    assert {r.quality for r in train if r.kind in TRUSTED_KINDS} == {"good"}
+    # the empty pseudo-labels it drew are judged (TTA: a constant model agrees with itself)
+    assert all(r.score is not None for r in train if r.kind == "pseudo_label")
+
+
+def test_bad_pool_holds_only_model_made_masks_and_small_tasks_are_trained(small_project, tmp_path):
+    """A ground-truth record marked bad (by an older step) stays in the good pool; a lone
+    correction of a lesion type no other record has is merged into a task, not dropped."""
+    params, dataset = small_project
+    records = read_manifest(dataset)
+    train = [r for r in records if r.split == "train" and r.mask]
+    truth, lone = train[0], train[1]
+    edited = {truth.id: truth.model_copy(update={"quality": "bad"}),
+              lone.id: lone.model_copy(update={"kind": "correction", "lesion_type": "new-type"})}
+    write_manifest(dataset, [edited.get(r.id, r) for r in records])
+    model = new_segmenter(params, dataset)
+    picked = [edited.get(r.id, r) for r in train]
+    tasks, pools = meta_train_step.build_tasks(params, dataset, picked, model)
+    assert sum(p["good"] + p["bad"] for p in pools.values()) == len(picked)
+    assert sum(p["bad"] for p in pools.values()) == 0
+    lone_index = picked.index(edited[lone.id])
+    assert any(lone_index in (*t.primary.good, *t.secondary.good) for t in tasks)
+    # alone, the correction is its own support and query: it still trains
+    solo, _ = meta_train_step.build_tasks(params, dataset, [edited[lone.id]], model)
+    assert [t.name for t in solo] == ["new-type"] and list(solo[0].primary.good) == [0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import sqlite3
 import subprocess
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from lesionflow import lineage
 from lesionflow import registry as reg
 from lesionflow.errors import RegistryError
 from lesionflow.models.pyfunc import confidence, decode_rle
@@ -29,22 +31,30 @@ from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet
 
 LINEAGE = {
-    reg.TAG_DATASET_MD5: "d41d8cd98f00b204e9800998ecf8427e",
-    reg.TAG_PARAMS_HASH: "p-123",
-    reg.TAG_PIPELINE_RUN_ID: "kfp-run-1",
+    lineage.TAG_DATASET_MD5: "d41d8cd98f00b204e9800998ecf8427e",
+    lineage.TAG_PARAMS_HASH: "p-123",
+    lineage.TAG_PIPELINE_RUN_ID: "kfp-run-1",
 }
 X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255
 
 
 @contextmanager
 def tracking_uri(uri: str):
-    """Point MLflow at ``uri`` and put back whatever was configured before."""
-    old = os.environ.get("MLFLOW_TRACKING_URI")
+    """Point MLflow's tracking *and* registry at ``uri`` and put back both as they were. The
+    registry URI must be set too: otherwise registry calls go wherever MLFLOW_REGISTRY_URI points,
+    e.g. a store an earlier ``tracking.connect`` left behind (``set_registry_uri(None)`` does not
+    clear that variable, hence the explicit pop)."""
+    old_tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    old_registry = os.environ.get("MLFLOW_REGISTRY_URI")
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(old)
+        mlflow.set_tracking_uri(old_tracking)
+        mlflow.set_registry_uri(old_registry)
+        if old_registry is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 @pytest.fixture(scope="module")
@@ -72,57 +82,82 @@ def register(exp_id: str, name: str, seed: int, dice: float, **lineage: str) -> 
     return version, model
 
 
-def test_git_commit_prefers_checkout_then_image_env(tmp_path, monkeypatch):
+def test_code_version_is_the_checkout_with_a_dirty_flag_else_the_image_sha(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
     subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    (repo / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "code.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     monkeypatch.setenv("LESIONFLOW_GIT_SHA", "baked-sha")
-    assert reg.git_commit(repo) == head
+    (repo / "untracked.txt").write_text("not code")  # untracked files don't make the code dirty
+    assert lineage.code_version(repo) == (head, False)
+    (repo / "code.py").write_text("x = 2\n")
+    assert lineage.code_version(repo) == (head, True)
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    assert reg.git_commit(outside) == "baked-sha"
+    assert lineage.code_version(outside) == ("baked-sha", False)
     monkeypatch.delenv("LESIONFLOW_GIT_SHA")
-    assert reg.git_commit(outside) == "unknown"
+    assert lineage.code_version(outside) == ("unknown", False)
+
+
+def overall(**metrics: float) -> dict[str, dict[str, float]]:
+    return {"overall": {"n": 10, **metrics}}
 
 
 def test_gate_thresholds_and_reasons():
-    first = reg.gate({"dice": 0.6}, None)
+    first = reg.gate(overall(dice=0.6), None)
     assert first.promote and first.champion is None and "0.6000" in first.reason
     # exactly at champion - tolerance is still promoted (binary-exact numbers, no float fuzz)
-    edge = reg.gate({"dice": 0.5}, {"dice": 0.75}, tolerance=0.25)
+    edge = reg.gate(overall(dice=0.5), overall(dice=0.75), tolerance=0.25)
     assert edge.promote and (edge.candidate, edge.champion) == (0.5, 0.75)
-    worse = reg.gate({"dice": 0.70}, {"dice": 0.80}, tolerance=0.05)
+    worse = reg.gate(overall(dice=0.70), overall(dice=0.80), tolerance=0.05)
     assert not worse.promote
     assert "0.7000" in worse.reason and "0.8000" in worse.reason and "0.0500" in worse.reason
-    assert reg.gate({"iou": 0.9}, {"iou": 0.5}, metric="iou").promote
+    assert reg.gate(overall(iou=0.9), overall(iou=0.5), metric="iou").promote
     with pytest.raises(RegistryError, match="'dice' missing from candidate"):
-        reg.gate({"iou": 0.9}, None)
+        reg.gate(overall(iou=0.9), None)
     with pytest.raises(RegistryError, match="'dice' missing from champion"):
-        reg.gate({"dice": 0.9}, {"iou": 0.5})
+        reg.gate(overall(dice=0.9), overall(iou=0.5))
+
+
+def test_gate_refuses_a_lesion_type_regression_the_mean_hides():
+    """Better on average, much worse on the rare type: refused (seed 003's per-type decision),
+    unless the type has too few compared records to judge alone."""
+    champion = {"overall": {"n": 40, "dice": 0.80}, "benign": {"n": 36, "dice": 0.80},
+                "malignant": {"n": 4, "dice": 0.80}}
+    candidate = {"overall": {"n": 40, "dice": 0.82}, "benign": {"n": 36, "dice": 0.85},
+                 "malignant": {"n": 4, "dice": 0.60}}
+    refused = reg.gate(candidate, champion, max_type_drop=0.05, min_type_records=3)
+    assert not refused.promote and len(refused.refusals) == 1
+    assert refused.refusals[0].startswith("malignant: candidate dice=0.6000 < champion 0.8000")
+    assert reg.gate(candidate, champion, max_type_drop=0.05, min_type_records=5).promote
+    assert reg.gate(candidate, champion, max_type_drop=0.25, min_type_records=3).promote
+    both = reg.gate({**candidate, "overall": {"n": 40, "dice": 0.70}}, champion, max_type_drop=0.05)
+    assert not both.promote and len(both.refusals) == 2
 
 
 def test_register_records_lineage_metrics_and_parent(store, name, monkeypatch):
-    monkeypatch.setenv("LESIONFLOW_GIT_SHA", "abc123")
-    monkeypatch.chdir("/")  # not a checkout: the image's SHA is used
     v1, _ = register(store, name, seed=1, dice=0.7)
     assert v1 == "1"
     info = reg.version_info(name, v1)
-    assert info["tags"][reg.TAG_PARENT_VERSION] == "none"
-    assert info["tags"][reg.TAG_GIT_COMMIT] == "abc123"
-    assert info["tags"][reg.TAG_DATASET_MD5] == LINEAGE[reg.TAG_DATASET_MD5]
+    assert info["tags"][lineage.TAG_PARENT_VERSION] == "none"
+    # the code that ran: this checkout's HEAD, wherever the process was started
+    assert info["tags"][lineage.TAG_GIT_COMMIT] == lineage.code_version(lineage.package_dir())[0]
+    assert info["tags"][lineage.TAG_GIT_DIRTY] in ("true", "false")
+    assert info["tags"][lineage.TAG_DATASET_MD5] == LINEAGE[lineage.TAG_DATASET_MD5]
     assert reg.version_metrics(name, v1) == {"dice": 0.7}
     run_tags = MlflowClient().get_run(info["run_id"]).data.tags
-    assert run_tags[reg.TAG_PIPELINE_RUN_ID] == "kfp-run-1" and float(run_tags[reg.METRIC_TAG_PREFIX + "dice"]) == 0.7
+    assert run_tags[lineage.TAG_PIPELINE_RUN_ID] == "kfp-run-1" and float(run_tags[lineage.METRIC_TAG_PREFIX + "dice"]) == 0.7
 
     reg.move_alias(name, "champion", v1, why="first", action="promote")
-    v2, _ = register(store, name, seed=2, dice=0.8, **{reg.TAG_GIT_COMMIT: "explicit"})
+    v2, _ = register(store, name, seed=2, dice=0.8, **{lineage.TAG_GIT_COMMIT: "explicit"})
     info2 = reg.version_info(name, v2)
-    assert info2["tags"][reg.TAG_PARENT_VERSION] == "1"
-    assert info2["tags"][reg.TAG_GIT_COMMIT] == "explicit"
+    assert info2["tags"][lineage.TAG_PARENT_VERSION] == "1"
+    assert info2["tags"][lineage.TAG_GIT_COMMIT] == "explicit"
     assert reg.version_info(name, v1)["aliases"] == ["champion"] and info2["aliases"] == []
 
 
@@ -130,8 +165,8 @@ def test_register_refuses_without_run_or_lineage(store, name):
     with pytest.raises(RegistryError, match="active MLflow run"):
         reg.register_model(make_model(0), name=name, lineage=LINEAGE, metrics={})
     with mlflow.start_run(experiment_id=store):
-        partial = {k: v for k, v in LINEAGE.items() if k != reg.TAG_PARAMS_HASH}
-        with pytest.raises(RegistryError, match=reg.TAG_PARAMS_HASH):
+        partial = {k: v for k, v in LINEAGE.items() if k != lineage.TAG_PARAMS_HASH}
+        with pytest.raises(RegistryError, match=lineage.TAG_PARAMS_HASH):
             reg.register_model(make_model(0), name=name, lineage=partial, metrics={})
         with pytest.raises(RegistryError, match="lesionflow.typo"):
             reg.register_model(make_model(0), name=name, lineage={**LINEAGE, "lesionflow.typo": "x"}, metrics={})
@@ -241,22 +276,23 @@ def test_versions_pickled_before_the_pyfunc_switch_still_load(store, name):
 
 @pytest.mark.slow
 def test_end_to_end_over_http(mlflow_server, monkeypatch):
-    """The whole story on a real tracking server: register, gate, promote, history, rollback, load."""
+    """The whole story on a real tracking server: register, gate, promote, history, rollback, load.
+    The registry writes land in the server's own store and the artifacts travel through it."""
     monkeypatch.setenv("LESIONFLOW_USER", "ci-bot")
     name = "lesion-e2e"
-    with tracking_uri(mlflow_server):
+    with tracking_uri(mlflow_server.url):
         exp_id = MlflowClient().create_experiment("e2e-train")
         logged: dict[str, Segmenter] = {}
         dices = {"1": 0.70, "2": 0.75, "3": 0.745}
         for seed, dice in enumerate(dices.values(), start=1):
             champ = reg.champion_version(name)
             decision = reg.gate({"dice": dice}, champ and reg.version_metrics(name, champ))
-            version, model = register(exp_id, name, seed=seed, dice=dice, **{reg.TAG_PIPELINE_RUN_ID: f"run-{seed}"})
+            version, model = register(exp_id, name, seed=seed, dice=dice, **{lineage.TAG_PIPELINE_RUN_ID: f"run-{seed}"})
             logged[version] = model
             assert decision.promote  # v3 is 0.005 worse: within the default tolerance 0.01
             reg.move_alias(name, "champion", version, why=decision.reason, action="promote")
-        assert [reg.version_info(name, v)["tags"][reg.TAG_PARENT_VERSION] for v in "123"] == ["none", "1", "2"]
-        assert reg.version_info(name, "3")["tags"][reg.TAG_PIPELINE_RUN_ID] == "run-3"
+        assert [reg.version_info(name, v)["tags"][lineage.TAG_PARENT_VERSION] for v in "123"] == ["none", "1", "2"]
+        assert reg.version_info(name, "3")["tags"][lineage.TAG_PIPELINE_RUN_ID] == "run-3"
 
         # a candidate beyond tolerance is refused and the champion stays put
         refused = reg.gate({"dice": 0.70}, reg.version_metrics(name, reg.champion_version(name)))
@@ -294,3 +330,18 @@ def test_end_to_end_over_http(mlflow_server, monkeypatch):
             reg.load_model(name, "4")
         with pytest.raises(RegistryError, match="existing aliases: champion"):
             reg.load_model(name, "champoin")
+
+        # the weights went up through the server (mlflow-artifacts:/) into its own destination
+        uris = [MlflowClient().get_model_version_download_uri(name, v) for v in "123"]
+        assert all(u.startswith("mlflow-artifacts:/") for u in uris), uris
+        stored = list(mlflow_server.artifacts.rglob("segmenter.pt"))
+        assert len(stored) == 3 and all(p.stat().st_size > 0 for p in stored)
+
+    # the registry really is the server's SQLite store, not whatever a default URI pointed at
+    with sqlite3.connect(mlflow_server.db) as db:
+        versions = db.execute("select version, storage_location from model_versions where name = ?",
+                              (name,)).fetchall()
+        alias = db.execute("select version from registered_model_aliases where name = ? and "
+                           "alias = 'champion'", (name,)).fetchone()
+    assert sorted(v for v, _ in versions) == [1, 2, 3] and alias == (3,)
+    assert sorted(loc for _, loc in versions) == sorted(uris)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from lesionflow import config, registry, tracking
+from lesionflow import config, lineage, registry, tracking
 from lesionflow.cli import main
 from lesionflow.models.pyfunc import decode_rle
 from lesionflow.models.router import LesionTypeRouter
@@ -69,7 +69,7 @@ def server(tmp_path_factory):
     params = config.load(REPO / "params.yaml", overrides)
     old_uri = mlflow.get_tracking_uri()
     tracking.connect(params)
-    lineage = {registry.TAG_DATASET_MD5: "d.dir", registry.TAG_PARAMS_HASH: "p", registry.TAG_PIPELINE_RUN_ID: "r"}
+    lineage = {lineage.TAG_DATASET_MD5: "d.dir", lineage.TAG_PARAMS_HASH: "p", lineage.TAG_PIPELINE_RUN_ID: "r"}
     for model in (segmenter(1), LesionTypeRouter({"round": segmenter(2), "elongated": segmenter(3)})):
         with mlflow.start_run():
             version = registry.register_model(model, name="served", lineage=lineage, metrics={})

@@ -196,7 +196,7 @@ def test_pseudo_label_step_turns_weak_records_into_ignore_aware_pseudo_labels(we
     for r in weak_train:
         new = out[r.id]
         assert new.kind == "pseudo_label" and new.score_method == "weak_gcn"
-        assert new.labelled_by == "weak-gcn" and new.quality in ("good", "bad")
+        assert new.labelled_by == f"runs:/{run.info.run_id}/weak_model" and new.quality in ("good", "bad")
         png = np.asarray(Image.open(tmp_path / "out" / new.mask))
         assert png.shape == (r.height, r.width) and set(np.unique(png)) <= {0, 255, IGNORE_VALUE}
         assert (png == 255).any() and (png == 0).any()
@@ -206,6 +206,9 @@ def test_pseudo_label_step_turns_weak_records_into_ignore_aware_pseudo_labels(we
     assert (data.masks == IGNORE).any() and set(np.unique(data.masks)) <= {IGNORE, 0, 1}
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     assert logged["weak/n_weak"] == len(weak_train) and "weak/final_ignored_vertices" in logged
+    # the GCN that drew them is stored with the step: its id in labelled_by is loadable
+    state = torch.load(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/weak_model/weak_model.pt"))
+    assert any(key.startswith("gcn.") for key in state) and any(key.startswith("segmenter.") for key in state)
 
 
 def _model(params, dataset):

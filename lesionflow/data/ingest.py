@@ -8,7 +8,7 @@ The pass is split in phases so a bad source never leaves a half-written dataset 
 2. *convert*: decode, check, resize and encode in a thread pool into a temp sibling of
    ``out_dir`` (PIL releases the GIL, so this scales with cores);
 3. *split*: groups (patients/videos, merged when two images are pixel-identical) are assigned to
-   train/val/test, deterministically from the seed;
+   train/val/test by a seeded hash of the group id, so new data never moves an existing group;
 4. *publish*: manifest, fingerprint and report are written and the temp dir is renamed into place.
 
 Any exception removes the temp dir, so ``out_dir`` either holds a complete dataset or nothing.
@@ -21,10 +21,10 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +128,7 @@ class _Converted:
     channels: int
     pixel_sha256: str | None  # None for constant images: they say nothing about a patient
     pseudonym: str | None
+    spacing: tuple[float, float] | None  # (row, column) mm of the stored, possibly scaled image
 
 
 class _Problems:
@@ -350,11 +351,15 @@ def _check_size(record_id: str, image: np.ndarray, mask: np.ndarray | None, item
 
 
 def _emit(record_id: str, image: np.ndarray, mask: np.ndarray | None, out: Path,
-          max_side: int | None, pseudonym: str | None) -> _Converted:
+          max_side: int | None, pseudonym: str | None, spacing: tuple[float, float] | None
+          ) -> _Converted:
     pixel_sha = _pixel_hash(image)
+    h, w = image.shape[:2]
     image, mask = _fit(image, mask, max_side)
+    if spacing is not None:  # the same anatomy over fewer pixels: each pixel covers more mm
+        spacing = (spacing[0] * h / image.shape[0], spacing[1] * w / image.shape[1])
     return _Converted(
-        id=record_id, pixel_sha256=pixel_sha, pseudonym=pseudonym,
+        id=record_id, pixel_sha256=pixel_sha, pseudonym=pseudonym, spacing=spacing,
         height=image.shape[0], width=image.shape[1], channels=1 if image.ndim == 2 else image.shape[2],
         image_sha256=write_png(image, out / "images" / f"{record_id}.png"),
         mask_sha256=None if mask is None else write_png(
@@ -366,8 +371,8 @@ def _convert(item: _Item, out: Path, max_side: int | None, axis: int) -> list[_C
     """Decode, check and write one source file; errors are returned so the caller keeps order."""
     try:
         if item.is_volume:
-            volume = read_volume(item.path)
-            masks = None if item.mask is None else read_volume(item.mask) != 0
+            volume, voxel = read_volume(item.path)
+            masks = None if item.mask is None else read_volume(item.mask)[0] != 0
             if masks is not None and masks.shape != volume.shape:
                 raise MaskSizeMismatchError(
                     f"mask volume {item.mask} has shape {masks.shape} but volume {item.path} has "
@@ -376,17 +381,19 @@ def _convert(item: _Item, out: Path, max_side: int | None, axis: int) -> list[_C
             pairs = [(record_id, np.take(volume, k, axis=axis),
                       None if masks is None else np.take(masks, k, axis=axis))
                      for record_id, k in item.slices]
+            # a slice's rows and columns are the two remaining axes, in RAS+ order
+            spacing = None if voxel is None else tuple(v for i, v in enumerate(voxel) if i != axis)
             pseudonym = None
         else:
             if split_ext(item.path.name)[1] == ".dcm":
-                image, pseudonym = read_dicom(item.path)
+                image, pseudonym, spacing = read_dicom(item.path)
             else:
-                image, pseudonym = read_image(item.path), None
+                image, pseudonym, spacing = read_image(item.path), None, None
             mask = None if item.mask is None else read_mask(item.mask)
             pairs = [(item.slices[0][0], image, mask)]
         for record_id, image, mask in pairs:  # validate everything before writing anything
             _check_size(record_id, image, mask, item)
-        return [_emit(record_id, np.ascontiguousarray(image), mask, out, max_side, pseudonym)
+        return [_emit(record_id, np.ascontiguousarray(image), mask, out, max_side, pseudonym, spacing)
                 for record_id, image, mask in pairs]
     except IngestError as err:
         return err
@@ -438,49 +445,43 @@ def _union_groups(groups: dict[str, str], pixel_hashes: dict[str, str | None]
     return {rid: find(g) for rid, g in groups.items()}, merged
 
 
-def assign_splits(groups: dict[str, tuple[int, str]], fractions: dict[str, float], seed: int
-                  ) -> dict[str, str]:
-    """Group → split. ``groups`` maps a group to (record count, lesion type).
+def _split_point(group: str, seed: int) -> float:
+    """Where ``group`` falls in [0, 1): a hash of its id keyed by the seed, uniform and blind to
+    every other group (53 bits, so the float is exact and never rounds up to 1)."""
+    digest = hashlib.blake2b(group.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return (int.from_bytes(digest, "big") >> 11) / 2**53
 
-    Groups are visited in a seeded random order per lesion type and each goes to the split that
-    most lacks records, counting both that type's target and the overall target for the records
-    visited so far, so types are stratified where they have enough groups and the totals still
-    match. With at least three groups every
-    split with a non-zero fraction then receives at least one group.
+
+def assign_splits(groups: Iterable[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Group → split, from the group id, the seed and the fractions alone.
+
+    The fractions cut [0, 1) into train|val|test and each group goes where its keyed hash
+    (``_split_point``) falls, so adding, removing or correcting data never moves another group.
+    Lesion types are stratified in expectation: the hash is uniform within every type.
+
+    The one exception, for small datasets: with at least three groups, a split with a non-zero
+    fraction that no hash fell into takes the group whose point lies nearest its interval (from a
+    split that keeps at least one). Only then does a group's split depend on the other groups.
     """
-    splits = [s for s in SPLITS if fractions[s] > 0]
-    rng = random.Random(seed)
-    strata: dict[str, list[str]] = defaultdict(list)
-    for g in sorted(groups):
-        strata[groups[g][1]].append(g)
-    assignment: dict[str, str] = {}
-    filled = Counter()
-    seen = 0
-    for lesion_type in sorted(strata):
-        members = strata[lesion_type]
-        rng.shuffle(members)
-        n_type = sum(groups[g][0] for g in members)
-        filled_type = Counter()
-        for g in members:
-            seen += groups[g][0]
+    active = [s for s in SPLITS if fractions[s] > 0]
+    bounds, low = {}, 0.0
+    for s in SPLITS:
+        bounds[s] = (low, low + fractions[s])
+        low += fractions[s]
+    points = {g: _split_point(g, seed) for g in sorted(set(groups))}
+    # the last active split also takes points beyond a sum of fractions rounded below 1
+    assignment = {g: next((s for s in active if u < bounds[s][1]), active[-1])
+                  for g, u in points.items()}
 
-            def need(s: str) -> float:
-                return (fractions[s] * n_type - filled_type[s]) + (fractions[s] * seen - filled[s])
+    def gap(g: str, s: str) -> float:
+        return max(bounds[s][0] - points[g], points[g] - bounds[s][1], 0.0)
 
-            best = max(splits, key=lambda s: (need(s), -splits.index(s)))
-            assignment[g] = best
-            filled_type[best] += groups[g][0]
-            filled[best] += groups[g][0]
-
-    if len(groups) >= 3:
-        for s in splits:
-            if s in assignment.values():
-                continue
-            by_split = Counter(assignment.values())
-            donor = max(splits, key=lambda d: (by_split[d], -splits.index(d)))
-            smallest = min((g for g in sorted(assignment) if assignment[g] == donor),
-                           key=lambda g: groups[g][0])
-            assignment[smallest] = s
+    if len(assignment) >= 3:
+        for s in active:
+            size = Counter(assignment.values())
+            if size[s] == 0:
+                donors = [g for g in assignment if size[assignment[g]] > 1]
+                assignment[min(donors, key=lambda g: (gap(g, s), g))] = s
     return assignment
 
 
@@ -504,15 +505,7 @@ def _build_records(converted: list[tuple[_Item, _Converted]], cfg: IngestConfig,
                         or (item.stem if item.is_volume else c.id))
         hashes[c.id] = c.pixel_sha256
     final_group, merged = _union_groups(groups, hashes)
-
-    per_group: dict[str, list[str]] = defaultdict(list)
-    for record_id in sorted(final_group):
-        per_group[final_group[record_id]].append(record_id)
-    group_info = {}
-    for g, ids in per_group.items():
-        types = Counter(lesion_types[i] for i in ids)
-        group_info[g] = (len(ids), min(types, key=lambda t: (-types[t], t)))
-    split_of = assign_splits(group_info, cfg.split.model_dump(), seed)
+    split_of = assign_splits(final_group.values(), cfg.split.model_dump(), seed)
 
     records = []
     for item, c in converted:
@@ -524,7 +517,8 @@ def _build_records(converted: list[tuple[_Item, _Converted]], cfg: IngestConfig,
             height=c.height, width=c.width, channels=c.channels,
             lesion_type=lesion_types[c.id], group=final_group[c.id],
             split=split_of[final_group[c.id]], frame_index=f.frame_index, key_frame=f.key_frame,
-            area_ratio=f.area_ratio, area_error=f.area_error, source=item.rel,
+            area_ratio=f.area_ratio, area_error=f.area_error, source=item.rel, spacing=c.spacing,
+            labelled_by=None if c.mask_sha256 is None else f"annotator:{cfg.annotator}",
         ))
     return sorted(records, key=lambda r: r.id), merged
 

@@ -1,14 +1,18 @@
-"""Readers that turn every supported medical/photo format into plain uint8 arrays.
+"""Readers that turn every supported medical/photo format into plain uint8 arrays, with the
+pixel spacing in mm where the file states it.
 
 Everything downstream (training, evaluation, serving) only ever sees 8-bit PNGs, so format quirks
-— 16-bit TIFFs, DICOM rescale/windowing, NIfTI/NRRD volumes, palette or RGBA masks — are resolved
-here, once. DICOM headers are de-identified as soon as they are read so no patient identifier can
-travel further than this module; the only thing that leaves is a one-way pseudonym.
+— 16-bit TIFFs, DICOM rescale/windowing, NIfTI/NRRD volumes and their orientation, palette or
+RGBA masks — are resolved here, once. DICOM headers are de-identified as soon as they are read so
+no patient identifier can travel further than this module; the only thing that leaves is a one-way
+pseudonym.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -178,9 +182,28 @@ def _dicom_to_uint8(ds: Dataset) -> np.ndarray:
     return values
 
 
-def read_dicom(path: str | Path) -> tuple[np.ndarray, str | None]:
-    """(uint8 image, patient pseudonym or None). The header is de-identified before anything
-    else sees it; the raw PatientID is used only to derive the pseudonym."""
+def _mm(values, n: int) -> tuple[float, ...] | None:
+    """``n`` positive finite sizes, or None: a missing, malformed or zero size means the file does
+    not know its geometry (some writers store 0 for "unknown")."""
+    try:
+        sizes = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return sizes if len(sizes) == n and all(math.isfinite(v) and v > 0 for v in sizes) else None
+
+
+def _dicom_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) mm: PixelSpacing (in the patient), else ImagerPixelSpacing (at the detector,
+    all that many projection radiographs carry)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if ds.get(keyword) is not None:
+            return _mm(ds.get(keyword), 2)
+    return None
+
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, str | None, tuple[float, float] | None]:
+    """(uint8 image, patient pseudonym or None, pixel spacing or None). The header is de-identified
+    before anything else sees it; the raw PatientID is used only to derive the pseudonym."""
     path = Path(path)
     try:
         ds = pydicom.dcmread(path)
@@ -189,49 +212,126 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, str | None]:
         image = _dicom_to_uint8(ds)
     except Exception as err:
         raise UnreadableImageError(f"cannot decode DICOM {path}: {err}") from None
-    return image, (pseudonym(patient_id) if patient_id else None)
+    return image, (pseudonym(patient_id) if patient_id else None), _dicom_spacing(ds)
 
 
-def volume_shape(path: str | Path) -> tuple[int, ...]:
-    """Shape from the header alone, so slice ids are known before any voxel is decoded."""
-    path = Path(path)
+# NRRD's anatomical spaces (full names and abbreviations) as the signs that turn their axes into
+# RAS+; other spaces ("scanner-xyz", "3D-right-handed", ...) say nothing about anatomy
+NRRD_TO_RAS = {
+    "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
+    "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1),
+    "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
+}
+MM_PER_UNIT = {"mm": 1.0, "millimeter": 1.0, "cm": 10.0, "m": 1e3, "meter": 1e3, "um": 1e-3,
+               "micron": 1e-3}
+IDENTITY = np.array([[0, 1], [1, 1], [2, 1]])  # nibabel orientation: keep the stored axes
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """A volume header reduced to what slicing needs."""
+
+    shape: tuple[int, ...]  # as stored, every axis
+    spatial: tuple[int, ...]  # the stored axes that are space; every other axis has size 1
+    ornt: np.ndarray  # nibabel orientation from the spatial axes to RAS+ (identity if unknown)
+    voxel: tuple[float, ...] | None  # mm per spatial axis, stored order
+
+    def check(self, path: Path) -> None:
+        if len(self.spatial) != 3 or any(
+                n != 1 for i, n in enumerate(self.shape) if i not in self.spatial):
+            raise UnreadableImageError(f"{path} is not a 3-D volume (shape {self.shape})")
+
+    def canonical(self, values: tuple) -> tuple:
+        """Per-spatial-axis ``values`` in RAS+ axis order."""
+        out = [None] * 3
+        for value, (axis, _) in zip(values, self.ornt):
+            out[int(axis)] = value
+        return tuple(out)
+
+
+def _to_ras(steps: np.ndarray) -> np.ndarray:
+    """nibabel orientation taking voxel axes (``steps``: column j = one step along axis j, in
+    RAS+) to the closest RAS+ axes; identity where the steps are degenerate."""
+    from nibabel.orientations import io_orientation
+
+    affine = np.eye(4)
+    affine[:3, :3] = steps
+    ornt = io_orientation(affine)
+    return IDENTITY if np.isnan(ornt).any() else ornt
+
+
+def _nifti_geometry(img) -> _Geometry:
+    """The affine (sform, else qform, else pixdim, as nibabel chooses) gives orientation and
+    voxel size; an unset unit is read as mm, as ITK and nibabel's tools do."""
+    scale = {"meter": 1e3, "micron": 1e-3}.get(img.header.get_xyzt_units()[0], 1.0)
+    norms = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)) * scale
+    shape = tuple(int(n) for n in img.shape)
+    return _Geometry(shape, tuple(range(min(3, len(shape)))), _to_ras(img.affine[:3, :3]),
+                     _mm(norms, 3))
+
+
+def _nrrd_geometry(header: dict) -> _Geometry:
+    """Space directions give orientation (in RAS+ when ``space`` names an anatomical space) and
+    voxel size; bare ``spacings`` give only the size; without either the geometry is unknown."""
+    shape = tuple(int(n) for n in header["sizes"])
+    directions = header.get("space directions")
+    if directions is not None:
+        directions = np.asarray(directions, dtype=float)
+        spatial = tuple(i for i in range(len(shape)) if np.isfinite(directions[i]).all())
+        steps = directions[list(spatial)]
+        units = header.get("space units") or ["mm"] * steps.shape[1]
+        scale = [MM_PER_UNIT.get(u.lower(), math.nan) for u in units]
+        # a step's length is only a size when every world axis has the same unit
+        lengths = np.sqrt((steps ** 2).sum(axis=1))
+        voxel = _mm(lengths * scale[0], 3) if len(set(scale)) == 1 else None
+        signs = NRRD_TO_RAS.get(str(header.get("space", "")).lower())
+        ornt = IDENTITY if signs is None or steps.shape != (3, 3) else _to_ras((steps * signs).T)
+        return _Geometry(shape, spatial, ornt, voxel)
+    spatial = tuple(i for i, n in enumerate(shape) if len(shape) == 3 or n != 1)
+    spacings = header.get("spacings")
+    voxel = None if spacings is None else _mm([spacings[i] for i in spatial], 3)
+    return _Geometry(shape, spatial, IDENTITY, voxel)
+
+
+def _load_volume(path: Path, with_data: bool) -> tuple[_Geometry, np.ndarray | None]:
     try:
         if split_ext(path.name)[1] == ".nrrd":
             import nrrd
 
-            shape = tuple(int(s) for s in nrrd.read_header(str(path))["sizes"])
+            if with_data:
+                data, header = nrrd.read(str(path))
+            else:
+                data, header = None, nrrd.read_header(str(path))
+            geometry = _nrrd_geometry(header)
         else:
             import nibabel
 
-            shape = tuple(int(s) for s in nibabel.load(str(path)).shape)
+            img = nibabel.load(str(path))
+            geometry = _nifti_geometry(img)
+            data = np.asanyarray(img.dataobj) if with_data else None
     except Exception as err:
-        raise UnreadableImageError(f"cannot read volume header of {path}: {err}") from None
-    return _squeeze_shape(shape, path)
+        what = "decode volume" if with_data else "read volume header of"
+        raise UnreadableImageError(f"cannot {what} {path}: {err}") from None
+    geometry.check(path)
+    return geometry, data
 
 
-def _squeeze_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
-    squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
-    if len(squeezed) != 3:
-        raise UnreadableImageError(f"{path} is not a 3-D volume (shape {shape})")
-    return squeezed
+def volume_shape(path: str | Path) -> tuple[int, int, int]:
+    """Shape in RAS+ order from the header alone, so slice ids are known before any voxel is
+    decoded."""
+    geometry, _ = _load_volume(Path(path), with_data=False)
+    return geometry.canonical(tuple(geometry.shape[i] for i in geometry.spatial))
 
 
-def read_volume(path: str | Path) -> np.ndarray:
-    """3-D array in the file's own voxel order (NIfTI and NRRD both give x, y, z), unscaled."""
-    path = Path(path)
-    try:
-        if split_ext(path.name)[1] == ".nrrd":
-            import nrrd
+def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """(3-D array, voxel size in mm per axis or None), unscaled, reoriented to the closest RAS+
+    voxel order (``nibabel.as_closest_canonical``; NRRD space directions converted the same
+    way), so slices of different scanners come out the same way up. An NRRD without an
+    anatomical space keeps its stored order."""
+    from nibabel.orientations import apply_orientation
 
-            data, _ = nrrd.read(str(path))
-        else:
-            import nibabel
-
-            data = np.asanyarray(nibabel.load(str(path)).dataobj)
-        data = np.asarray(data)
-    except Exception as err:
-        raise UnreadableImageError(f"cannot decode volume {path}: {err}") from None
-    if data.ndim > 3:
-        data = data.reshape(_squeeze_shape(data.shape, path))
-    _squeeze_shape(data.shape, path)
-    return data
+    geometry, data = _load_volume(Path(path), with_data=True)
+    data = np.asarray(data)
+    data = np.squeeze(data, axis=tuple(i for i in range(data.ndim) if i not in geometry.spatial))
+    voxel = None if geometry.voxel is None else geometry.canonical(geometry.voxel)
+    return apply_orientation(data, geometry.ornt), voxel

@@ -47,6 +47,8 @@ Kind = Literal[
     "synthetic_video",  # frame generated from a still
 ]
 Split = Literal["train", "val", "test"]
+# kinds whose mask a person drew: never judged by a model, never "bad" task data
+TRUSTED_KINDS = frozenset({"still", "video_frame", "correction"})
 
 
 class Record(BaseModel):
@@ -73,9 +75,13 @@ class Record(BaseModel):
     score: float | None = None
     score_method: Literal["tta", "dice", "weak_gcn"] | None = None  # weak_gcn: lesionflow.weak
     quality: Literal["good", "bad"] | None = None
-    labelled_by: str | None = Field(None, description="model version that predicted the mask")
+    # provenance of the mask: annotator:<who> (ground truth), reviewer:<who> (corrections),
+    # <model>@<version> (the labelling champion), runs:/<id>/video_model|weak_model (G, the GCN)
+    labelled_by: str | None = Field(None, description="who or which model version drew the mask")
     corrected_from: str | None = Field(
         None, description="corrections: model version whose prediction the reviewer corrected")
+    spacing: tuple[float, float] | None = Field(
+        None, description="pixel size (row, column) in mm of the stored image, where the source says")
 
 
 def check_fresh(out_dir: Path) -> None:

@@ -1,90 +1,131 @@
-"""What each KFP component body calls: decode the config, open the step's nested MLflow run,
-run the step, return plain values. Components stay one-liners; the CLI and tests call the same
-functions, so there is a single code path from laptop to cluster."""
+"""What each KFP component body calls. Every step has the same contract:
+
+    step(params_json, pipeline_run_id, lineage_json, <input paths>, <output paths>) -> dict
+
+``step_context`` decodes the config, takes the model's pipeline lease and opens the step's nested
+MLflow run; a step that writes a dataset DVC-versions it (``version_and_log``); every step returns
+plain values and the lineage it received plus what it produced (``lineage.merged``), which the
+register step puts on the version.
+Components stay one-liners; the CLI and tests call the same functions, so there is a single code
+path from laptop to cluster.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 
-from lesionflow import config, tracking
+from lesionflow import config, lease, lineage, tracking
+from lesionflow.config import Params
 from lesionflow.steps import evaluate as evaluate_step
 from lesionflow.steps import ingest as ingest_step
 from lesionflow.steps import meta_train as meta_train_step
 from lesionflow.steps import pseudo_label as pseudo_label_step
 from lesionflow.steps import register as register_step
 from lesionflow.steps import synthesize_video as synthesize_video_step
+from lesionflow.steps.train import init_version
+
+PIPELINE_LEASE = "pipeline"  # one training pipeline run per model at a time, ingest → register
 
 
-def ingest(params_json: str, pipeline_run_id: str, dataset_path: str) -> dict:
+@contextmanager
+def step_context(params_json: str, step: str, pipeline_run_id: str) -> Iterator[Params]:
+    """Params, the lease and the step's MLflow run. The lease is held by the pipeline run from its
+    first step to the end of register (re-entrant across the steps' processes and pods, renewed
+    while a step runs), released when a step fails (the run is over), and expires if the run is
+    killed: two runs never train, register and move ``champion`` for one model at the same time."""
     params = config.from_json(params_json)
-    with tracking.step_run(params, "ingest", pipeline_run_id):
+    cfg = params.registry
+    tracking.connect(params)  # the lease lives on the tracking server
+    with lease.held(params.runtime.model_name, PIPELINE_LEASE, pipeline_run_id, ttl=cfg.lease_seconds,
+                    wait=cfg.lease_wait_seconds, release=step == "register") as held:
+        try:
+            with tracking.step_run(params, step, pipeline_run_id):
+                yield params
+        except BaseException:
+            held.release()
+            raise
+
+
+def ingest(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str) -> dict:
+    with step_context(params_json, "ingest", pipeline_run_id) as params:
         outcome = ingest_step.run(params, Path(dataset_path))
     print(outcome.report.summary())
+    corrections_md5 = outcome.corrections.md5 if outcome.corrections else None
     return {"dvc_md5": outcome.version.md5, "n_records": outcome.report.n_records,
             "remote": outcome.version.remote,
-            "corrections_md5": outcome.corrections.md5 if outcome.corrections else "none"}
+            "lineage": lineage.merged(lineage_json, dataset_md5=outcome.version.md5,
+                                      corrections_md5=corrections_md5)}
 
 
-def synthesize_video(params_json: str, pipeline_run_id: str, dataset_path: str, out_path: str) -> dict:
-    params = config.from_json(params_json)
-    with tracking.step_run(params, "synthesize_video", pipeline_run_id):
+def synthesize_video(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
+                     out_path: str) -> dict:
+    with step_context(params_json, "synthesize_video", pipeline_run_id) as params:
         report = synthesize_video_step.synthesize_video(params, Path(dataset_path), Path(out_path))
         version = ingest_step.version_and_log(params, Path(out_path))
-    return {"dvc_md5": version.md5, **report.counts}
+    return {"dvc_md5": version.md5, **report.counts,
+            "lineage": lineage.merged(lineage_json, augmented_dataset_md5=version.md5,
+                                      video_model=report.model_uri)}
 
 
-def pseudo_label(params_json: str, pipeline_run_id: str, dataset_path: str, out_path: str) -> dict:
-    params = config.from_json(params_json)
-    with tracking.step_run(params, "pseudo_label", pipeline_run_id):
+def pseudo_label(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
+                 out_path: str) -> dict:
+    with step_context(params_json, "pseudo_label", pipeline_run_id) as params:
         report = pseudo_label_step.pseudo_label(params, Path(dataset_path), Path(out_path))
         version = ingest_step.version_and_log(params, Path(out_path))
-    return {"dvc_md5": version.md5, "labeller": report.labeller or "none", **report.counts}
+    return {"dvc_md5": version.md5, "labeller": report.labeller or lineage.NONE, **report.counts,
+            "lineage": lineage.merged(lineage_json, pseudo_dataset_md5=version.md5,
+                                      labeller_version=report.labeller, weak_model=report.weak_model)}
 
 
-def meta_train(params_json: str, pipeline_run_id: str, dataset_path: str, model_path: str) -> dict:
-    params = config.from_json(params_json)
-    with tracking.step_run(params, "meta_train", pipeline_run_id) as run:
-        outcome = meta_train_step.run(params, Path(dataset_path), Path(model_path))
-    return {"mlflow_run_id": run.info.run_id, "models": sorted(outcome.results) or ["plain"]}
+def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
+               model_path: str) -> dict:
+    with step_context(params_json, "meta_train", pipeline_run_id) as params:
+        run_id = mlflow.active_run().info.run_id
+        warm_from = init_version(params)  # resolved once: the weights loaded = the version recorded
+        pinned = params.train.model_copy(update={"init_from": warm_from})
+        outcome = meta_train_step.run(params.model_copy(update={"train": pinned}), Path(dataset_path),
+                                      Path(model_path))
+    return {"mlflow_run_id": run_id, "models": sorted(outcome.results) or ["plain"],
+            "lineage": lineage.merged(lineage_json, init_from_version=warm_from)}
 
 
-def evaluate(params_json: str, pipeline_run_id: str, dataset_path: str, model_path: str,
-             report_path: str) -> dict:
-    params = config.from_json(params_json)
-    with tracking.step_run(params, "evaluate", pipeline_run_id):
-        result = evaluate_step.evaluate(params, Path(dataset_path),
-                                        Path(model_path), Path(report_path))
-    overall = result.candidate.table["overall"]
-    out = {**{k: overall[k] for k in ("dice", "iou", "hd95")}, "fps": result.candidate.fps}
-    if result.champion:
-        out["champion_dice"] = result.champion.overall("dice")
-    # KFP metrics are protobuf numbers: an undefined HD95 (NaN) can't be sent, so it is left out
+def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
+             model_path: str, report_path: str) -> dict:
+    with step_context(params_json, "evaluate", pipeline_run_id) as params:
+        result = evaluate_step.evaluate(params, Path(dataset_path), Path(model_path), Path(report_path))
+    out = {**{k: result.candidate.table["overall"][k] for k in ("dice", "iou", "hd95")},
+           "fps": result.candidate.fps}
+    if result.comparison:
+        out["champion_dice"] = result.comparison.champion["overall"]["dice"]
+        out["compared_n"] = result.comparison.n
+    # KFP metrics are protobuf numbers: an undefined value (NaN) can't be sent, so it is left out
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def register(params_json: str, pipeline_run_id: str, model_path: str, report_path: str,
-             dataset_md5: str, pseudo_dataset_md5: str, labeller: str, corrections_md5: str) -> str:
+def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_path: str,
+             report_path: str) -> str:
     """Returns the run summary as JSON: the pipeline's output, printed by ``lesionflow run``."""
-    params = config.from_json(params_json)
     evaluation = evaluate_step.Evaluation.load(Path(report_path) / evaluate_step.REPORT_FILE)
-    with tracking.step_run(params, "register", pipeline_run_id):
-        outcome = register_step.register(params, Path(model_path),
-                                         evaluation, dataset_md5, pipeline_run_id,
-                                         pseudo_dataset_md5=pseudo_dataset_md5, labeller=labeller,
-                                         corrections_md5=corrections_md5)
+    with step_context(params_json, "register", pipeline_run_id) as params:
+        outcome = register_step.register(params, Path(model_path), evaluation, json.loads(lineage_json),
+                                         pipeline_run_id)
     tracking.finish_pipeline_run(params, pipeline_run_id)
+    used = json.loads(lineage_json)
     return json.dumps({
         "pipeline_run_id": pipeline_run_id,
-        "dataset_dvc_md5": dataset_md5,
-        "corrections_md5": corrections_md5,
+        "dataset_dvc_md5": used[lineage.TAG_DATASET_MD5],
+        "corrections_md5": used[lineage.TAG_CORRECTIONS_MD5],
         "model": params.runtime.model_name,
         "version": outcome.version,
         "promoted": outcome.promoted,
         "gate": outcome.reason,
+        "compared": outcome.gate["comparison"],
         "champion": outcome.champion,
         "test_metrics": evaluation.candidate.table,
         "fps": evaluation.candidate.fps,

@@ -1,4 +1,5 @@
-"""Evaluate step: candidate and current champion on the same held-out split.
+"""Evaluate step: the candidate on the held-out split, and candidate vs the current champion on
+the records of that split that neither model trained or selected on (the gate's fair ground).
 
 Metrics are measured at each image's own (canonical) resolution, not at the model's input size,
 so numbers stay comparable between models trained at different resolutions.
@@ -6,9 +7,10 @@ so numbers stay comparable between models trained at different resolutions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -18,7 +20,8 @@ from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.data.manifest import Record, read_manifest
 from lesionflow.data.transforms import load_image, load_mask
-from lesionflow.errors import RegistryError
+from lesionflow.errors import GateError, RegistryError
+from lesionflow.lineage import RECORDS_ARTIFACT, RECORDS_FILE, TAG_COMPARED_WITH, TAG_GATE_RECORD_SET
 from lesionflow.metrics import aggregate, image_metrics
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
@@ -32,43 +35,109 @@ REPORT_FILE = "evaluation.json"
 class ModelScore:
     table: dict[str, dict[str, float]]
     fps: float
+    rows: list[dict] = field(default_factory=list)  # per image: id, lesion_type, metrics
 
     def overall(self, metric: str) -> float:
         return self.table["overall"][metric]
+
+    def subset(self, ids: set[str]) -> dict[str, dict[str, float]]:
+        """The per-type table over the images ``ids`` only."""
+        return aggregate([row for row in self.rows if row["id"] in ids])
+
+
+@dataclass
+class Comparison:
+    """Candidate and champion on the same test records, none of which either trained or selected
+    on: what the gate decides on."""
+
+    champion_version: str
+    n: int
+    record_set: str  # hash of the compared records' ids and content
+    excluded: dict[str, int]  # test records left out: seen by the champion / by the candidate
+    champion_records_known: bool  # False: the champion was registered without its record list
+    candidate: dict[str, dict[str, float]]
+    champion: dict[str, dict[str, float]]
 
 
 @dataclass
 class Evaluation:
     split: str
-    candidate: ModelScore
-    champion: ModelScore | None
-    champion_version: str | None
+    candidate: ModelScore  # the whole split: the version's own test metrics
+    comparison: Comparison | None  # None: no champion yet
+
+    @property
+    def champion_version(self) -> str | None:
+        return self.comparison.champion_version if self.comparison else None
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        path.write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Evaluation:
         raw = json.loads(path.read_text())
-        score = lambda s: ModelScore(**s) if s else None
-        return cls(raw["split"], score(raw["candidate"]), score(raw["champion"]), raw["champion_version"])
+        comparison = Comparison(**raw["comparison"]) if raw["comparison"] else None
+        return cls(raw["split"], ModelScore(**raw["candidate"]), comparison)
 
 
 def score_model(model: Segmenter | LesionTypeRouter, dataset_dir: Path, records: list[Record],
                 threshold: float, overlays: int = 0, prefix: str = "") -> ModelScore:
-    """Per-image metrics aggregated per lesion type; frames/s measured one frame at a time, as a
-    real-time video stream would arrive (pre- and post-processing included)."""
+    """Per-image metrics (HD95 in mm where the record's pixel spacing is known) aggregated per
+    lesion type; frames/s measured one frame at a time, as a real-time video stream would arrive
+    (pre- and post-processing included)."""
     rows = []
     start = time.perf_counter()
     for i, record in enumerate(records):
         image = load_image(dataset_dir, record)
         prob = model.predict_proba([image], lesion_types=[record.lesion_type])[0]
         pred, truth = prob > threshold, load_mask(dataset_dir, record)
-        rows.append({**image_metrics(pred, truth), "lesion_type": record.lesion_type})
+        rows.append({**image_metrics(pred, truth, record.spacing), "id": record.id,
+                     "lesion_type": record.lesion_type})
         if i < overlays:
             mlflow.log_image(overlay_strip(image, truth, pred), f"{prefix}overlays/{record.id}.png")
     fps = len(records) / (time.perf_counter() - start)
-    return ModelScore(aggregate(rows), fps)
+    return ModelScore(aggregate(rows), fps, rows)
+
+
+def record_set_hash(records: list[Record]) -> str:
+    lines = sorted(f"{r.id}:{r.image_sha256}:{r.mask_sha256}" for r in records)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def unseen(records: list[Record], seen: list[dict]) -> list[Record]:
+    """``records`` whose id and image content are both absent from ``seen`` (rows of a model's
+    ``records.json``): a renamed copy of a training image counts as seen."""
+    ids = {row["id"] for row in seen}
+    images = {row["image_sha256"] for row in seen}
+    return [r for r in records if r.id not in ids and r.image_sha256 not in images]
+
+
+def compare_with_champion(params: Params, dataset_dir: Path, records: list[Record], model_dir: Path,
+                          candidate: ModelScore) -> Comparison | None:
+    """Score the champion on the test records neither model has seen (the champion's record list
+    is stored at its registration; the candidate's lies next to its weights)."""
+    name = params.runtime.model_name
+    version = registry.champion_version(name)
+    if version is None:
+        return None
+    champion_seen = registry.version_artifact(name, version, RECORDS_ARTIFACT)
+    candidate_seen = json.loads((model_dir / RECORDS_FILE).read_text())
+    not_champion = records if champion_seen is None else unseen(records, champion_seen)
+    compared = unseen(not_champion, candidate_seen)
+    if not compared:
+        raise GateError(f"none of the {len(records)} test records is unseen by both the candidate and "
+                        f"champion v{version}: there is nothing fair to compare on (was the champion "
+                        "trained on this dataset's test split?)")
+    try:
+        champion_model = registry.load_model(name, version)
+    except RegistryError as err:
+        raise RegistryError(f"champion v{version} could not be loaded for comparison: {err}") from err
+    champion = score_model(champion_model, dataset_dir, compared, params.evaluate.threshold)
+    return Comparison(
+        champion_version=version, n=len(compared), record_set=record_set_hash(compared),
+        excluded={"seen_by_champion": len(records) - len(not_champion),
+                  "seen_by_candidate": len(not_champion) - len(compared)},
+        champion_records_known=champion_seen is not None,
+        candidate=candidate.subset({r.id for r in compared}), champion=champion.table)
 
 
 def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -94,36 +163,36 @@ def select(records: list[Record], split: str) -> list[Record]:
 
 def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
              split: str = "test") -> Evaluation:
-    """Score the candidate (and the champion, if any) on ``split``; log tables and overlays."""
+    """Score the candidate on ``split``, and candidate and champion (if any) on the records of
+    it that neither has seen; log tables and overlays."""
     records = select(read_manifest(dataset_dir), split)
     if not records:
         raise ValueError(f"no labelled records in the {split!r} split of {dataset_dir}")
     cfg = params.evaluate
     candidate = score_model(load_model(model_dir), dataset_dir, records, cfg.threshold,
                             overlays=cfg.n_overlays)
-    champion_version = registry.champion_version(params.runtime.model_name)
-    champion = None
-    if champion_version is not None:
-        try:
-            champion_model = registry.load_model(params.runtime.model_name, champion_version)
-        except RegistryError as err:
-            raise RegistryError(
-                f"champion v{champion_version} could not be loaded for comparison: {err}") from err
-        champion = score_model(champion_model, dataset_dir, records, cfg.threshold)
-    result = Evaluation(split, candidate, champion, champion_version)
-
+    result = Evaluation(split, candidate, compare_with_champion(params, dataset_dir, records, model_dir,
+                                                                candidate))
     for name, row in candidate.table.items():
         mlflow.log_metrics({f"{split}.{name}.{k}": v for k, v in row.items() if np.isfinite(v)})
     mlflow.log_metric("fps", candidate.fps)
-    mlflow.log_table({"lesion_type": list(candidate.table),
-                      **{k: [row[k] for row in candidate.table.values()]
-                         for k in ("n", "dice", "iou", "hd95", "hd95_undefined", "false_positive_rate")}},
-                     "per_type_metrics.json")
-    if champion is not None:
-        mlflow.log_metrics({f"champion.{split}.overall.{k}": v
-                            for k, v in champion.table["overall"].items() if np.isfinite(v)})
-        mlflow.set_tag("lesionflow.compared_with_champion", champion_version)
+    mlflow.log_table(_columns(candidate.table), "per_type_metrics.json")
+    if result.comparison is not None:
+        c = result.comparison
+        mlflow.log_metrics({f"compared.{who}.{k}": v for who, table in
+                            (("candidate", c.candidate), ("champion", c.champion))
+                            for k, v in table["overall"].items() if np.isfinite(v)})
+        mlflow.log_metric("compared.n", c.n)
+        mlflow.set_tags({TAG_COMPARED_WITH: c.champion_version, TAG_GATE_RECORD_SET: c.record_set})
+        print(f"compared with champion v{c.champion_version} on {c.n} {split} records neither has "
+              f"seen ({c.excluded['seen_by_champion']} left out: the champion trained or selected on them)")
     out_dir.mkdir(parents=True, exist_ok=True)
     result.save(out_dir / REPORT_FILE)
     mlflow.log_artifact(str(out_dir / REPORT_FILE))
     return result
+
+
+def _columns(table: dict[str, dict[str, float]]) -> dict[str, list]:
+    """A per-type table as columns, for ``mlflow.log_table``."""
+    keys = list(table["overall"])
+    return {"lesion_type": list(table), **{k: [row[k] for row in table.values()] for k in keys}}

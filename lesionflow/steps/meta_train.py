@@ -8,16 +8,20 @@ supervised baseline on the same data instead, so both arms of a comparison go th
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import torch
 
 from lesionflow.config import Params
-from lesionflow.data.manifest import Record, read_manifest
+from lesionflow.data.manifest import TRUSTED_KINDS, Record, read_manifest
+from lesionflow.lineage import RECORDS_FILE
 from lesionflow.losses import dice_bce_loss
-from lesionflow.meta import MetaResult, Task, meta_train
+from lesionflow.meta import MetaResult, Pool, Task, meta_train
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import save_model
@@ -37,22 +41,51 @@ def task_key(record: Record, task_by: str) -> str:
 
 def build_tasks(params: Params, dataset_dir: Path, records: list[Record],
                 model: Segmenter) -> tuple[list[Task], dict[str, dict[str, int]]]:
-    """One ``Task`` per ``task_by`` value over one in-memory dataset of the given train records."""
+    """One ``Task`` per ``task_by`` value over one in-memory dataset of the given train records.
+
+    A task needs two records (one support, one query); smaller ones are merged into one task of
+    their own, or into the smallest other task if that is still too small, so every record — a
+    lone correction of a new lesion type included — reaches training. A lone record with nothing
+    to merge into is its own support and query. Only model-made masks judged bad go to the bad
+    pool: ground truth and corrections are always good task data."""
     data = SegmentationDataset(dataset_dir, records, model, augment=params.train.augment, seed=params.seed)
     kinds = [r.kind for r in records]
     members: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         members[task_key(record, params.meta_train.task_by)].append(i)
+    members = merge_small_tasks(members)
     tasks, pools = [], {}
     for name in sorted(members):
-        bad = [i for i in members[name] if records[i].quality == "bad"]
-        good = [i for i in members[name] if records[i].quality != "bad"]
-        if len(good) + len(bad) < 2:
-            print(f"task {name!r} has {len(good) + len(bad)} record(s): too few to split, left out")
-            continue
-        tasks.append(Task.split(name, data, good, bad, kinds=kinds, seed=params.seed))
+        bad = [i for i in members[name] if is_bad(records[i])]
+        good = [i for i in members[name] if not is_bad(records[i])]
+        if len(members[name]) == 1:
+            tasks.append(Task(name, data, Pool(good, bad), Pool(good, bad), good or bad, kinds))
+        else:
+            tasks.append(Task.split(name, data, good, bad, kinds=kinds, seed=params.seed))
         pools[name] = {"good": len(good), "bad": len(bad)}
     return tasks, pools
+
+
+def is_bad(record: Record) -> bool:
+    return record.quality == "bad" and record.kind not in TRUSTED_KINDS
+
+
+def merge_small_tasks(members: dict[str, list[int]], minimum: int = 2) -> dict[str, list[int]]:
+    """Tasks with fewer than ``minimum`` records joined into one named ``a+b`` (said aloud), or
+    into the smallest other task when even the joined one is too small."""
+    small = sorted(name for name, idx in members.items() if len(idx) < minimum)
+    if not small:
+        return members
+    merged = {name: idx for name, idx in members.items() if name not in small}
+    pooled = [i for name in small for i in members[name]]
+    if len(pooled) >= minimum or not merged:
+        merged["+".join(small)] = pooled
+        into = "+".join(small)
+    else:
+        into = min(merged, key=lambda n: (len(merged[n]), n))
+        merged[into] = merged[into] + pooled
+    print(f"task(s) {small} have fewer than {minimum} records: trained as part of task {into!r}")
+    return merged
 
 
 def _train_one(params: Params, dataset_dir: Path, records: list[Record], val_records: list[Record],
@@ -78,17 +111,39 @@ def _train_one(params: Params, dataset_dir: Path, records: list[Record], val_rec
     return model, result, pools
 
 
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Same data, params and seed → same weights (``lesionflow reproduce``): the initial weights
+    are drawn after this, whatever the process did before, and ``deterministic`` picks
+    deterministic kernels (warn_only keeps the few ops without one usable; cuBLAS needs its
+    workspace pinned for that)."""
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def write_training_records(out_dir: Path, records: list[Record]) -> None:
+    """What the model trained and selected on (ids + content), next to its weights: registration
+    stores it, and the gate never scores a model on records it has seen."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": r.id, "split": r.split, "kind": r.kind, "image_sha256": r.image_sha256,
+             "mask_sha256": r.mask_sha256, "labelled_by": r.labelled_by} for r in records]
+    (out_dir / RECORDS_FILE).write_text(json.dumps(rows, indent=0, sort_keys=True))
+
+
 def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
     mcfg = params.meta_train
     mlflow.log_params({f"meta_train.{k}": v for k, v in mcfg.model_dump().items()})
+    seed_everything(params.seed, params.train.deterministic)
+    manifest = read_manifest(dataset_dir)
+    records, val_records = labelled(manifest, "train"), labelled(manifest, "val")
+    write_training_records(out_dir, records + val_records)
     if not mcfg.enabled:
         train(params, dataset_dir, out_dir)
         return MetaTrainOutcome({}, {})
-    manifest = read_manifest(dataset_dir)
-    records, val_records = labelled(manifest, "train"), labelled(manifest, "val")
     mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
-    mlflow.log_metrics({"n_good": sum(r.quality != "bad" for r in records),
-                        "n_bad": sum(r.quality == "bad" for r in records),
+    mlflow.log_metrics({"n_good": sum(not is_bad(r) for r in records),
+                        "n_bad": sum(is_bad(r) for r in records),
                         "n_corrections": sum(r.kind == "correction" for r in records)})
     if mcfg.per_lesion_type:
         by_type: dict[str, list[Record]] = defaultdict(list)

@@ -1,9 +1,11 @@
 """Pseudo-label step: the champion labels the unlabelled training images and scores every
-training record; a threshold (or quantile) splits them into good and bad task data.
+model-made training mask; a threshold (or quantile) splits those into good and bad task data.
+Masks people drew (ground truth, reviewer corrections: ``TRUSTED_KINDS``) are never scored and
+always good: "bad" means a model's mask that scored below the cut.
 
 The output is a new canonical dataset (same manifest schema; images hard-linked, not copied):
-unlabelled train records become ``pseudo_label`` records with the predicted mask, every train
-record gets ``score`` / ``score_method`` / ``quality``; val and test stay untouched so evaluation
+unlabelled train records become ``pseudo_label`` records with the predicted mask, every model-made
+train mask gets ``score`` / ``score_method`` / ``quality``; val and test stay untouched so evaluation
 is always against ground truth. With no champion yet the labelled records pass through as good
 task data and the unlabelled ones stay unlabelled: the first model learns from labels only.
 """
@@ -21,6 +23,7 @@ from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.data.fingerprint import write_index
 from lesionflow.data.manifest import (
+    TRUSTED_KINDS,
     Record,
     link_or_copy,
     read_manifest,
@@ -41,6 +44,7 @@ REPORT = "pseudo_label_report.json"
 class PseudoLabelReport:
     labeller: str | None  # "NAME@version", or None when there was no champion
     message: str
+    weak_model: str | None = None  # runs:/<id>/weak_model when area-ratio records were labelled
     cutoff: float | None = None
     counts: dict[str, int] = field(default_factory=dict)  # good / bad / pseudo_labelled / hidden
     hidden_mask_dice: float | None = None  # experiments only: pseudo-labels vs the hidden truth
@@ -94,6 +98,9 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
             base = record if keeps_mask else record.model_copy(update={
                 "mask": None, "mask_sha256": None,
                 "kind": "unlabelled" if record.kind == "still" else record.kind})
+            if keeps_mask and record.kind in TRUSTED_KINDS:
+                out.append(base.model_copy(update={"quality": "good"}))
+                continue
             if model is None:
                 out.append(base.model_copy(update={"quality": "good"}) if keeps_mask else base)
                 continue
@@ -108,10 +115,11 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
                 out.append(base.model_copy(update={"quality": "good"}) if keeps_mask else base)
                 continue
             value, method = score(cfg.scorer, pred, truth)
-            update = {"score": round(value, 6), "score_method": method, "labelled_by": labeller}
+            update = {"score": round(value, 6), "score_method": method}
             if not keeps_mask and base.kind != "weak":  # weak labels get pixel labels from issue #6's GCN
                 mask_rel = f"masks/{record.id}.png"
-                update.update(kind="pseudo_label", mask=mask_rel,
+                # a mask G drew keeps G as its author: the champion only judged it
+                update.update(kind="pseudo_label", mask=mask_rel, labelled_by=labeller,
                               mask_sha256=write_png(pred.mask.astype(np.uint8) * 255, tmp / mask_rel))
                 if record.id in hidden:
                     hidden_dice.append(dice(pred.mask, load_mask(dataset_dir, record)))
@@ -119,6 +127,7 @@ def pseudo_label(params: Params, dataset_dir: Path, out_dir: Path) -> PseudoLabe
 
         # area-ratio weak records → pixel pseudo-labels with an ignore band (lesionflow.weak)
         out, weak_report = label_weak_records(params, dataset_dir, tmp, out, model, labeller)
+        report.weak_model = weak_report.model_uri if weak_report else None
         scored = [r.score for r in out if r.score is not None]
         if model is not None or weak_report is not None:
             report.cutoff = quality_cutoff(scored, cfg.threshold, cfg.quantile)

@@ -1,16 +1,37 @@
-"""Register step: log + register the candidate with lineage, then gate the champion alias."""
+"""Register step: log + register the candidate with its full lineage, then gate the champion alias.
+
+Every candidate becomes a version (refused ones too: ``challenger``), so the registry is the record
+of every training attempt; only the gate moves ``champion``, and a refusal is written to the alias
+history with the same gate record a promotion carries.
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
 
-import lesionflow
 from lesionflow import registry
 from lesionflow.config import Params
+from lesionflow.lineage import (
+    EVALUATION_ARTIFACT,
+    GATE_ARTIFACT,
+    NONE,
+    PARAMS_ARTIFACT,
+    RECORDS_ARTIFACT,
+    RECORDS_FILE,
+    TAG_GATE,
+    TAG_GATE_N,
+    TAG_GATE_REASON,
+    TAG_GATE_RECORD_SET,
+    TAG_PARAMS_HASH,
+    TAG_PARENT_VERSION,
+    TAG_PIPELINE_RUN_ID,
+)
 from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import Evaluation
 
@@ -21,34 +42,51 @@ class RegisterOutcome:
     promoted: bool
     reason: str
     champion: str | None
+    gate: dict
 
 
-def register(params: Params, model_dir: Path, evaluation: Evaluation, dataset_md5: str,
-             pipeline_run_id: str, *, pseudo_dataset_md5: str, labeller: str,
-             corrections_md5: str = "none") -> RegisterOutcome:
+def gate_record(params: Params, evaluation: Evaluation, decision: registry.GateDecision) -> dict:
+    """Everything the decision rested on: both per-type tables, how many records and which."""
+    cfg = params.registry
+    comparison = asdict(evaluation.comparison) if evaluation.comparison else None
+    return {"decision": "promoted" if decision.promote else "refused", "reason": decision.reason,
+            "refusals": list(decision.refusals), "metric": cfg.gate_metric, "tolerance": cfg.tolerance,
+            "max_type_drop": cfg.max_type_drop, "min_type_records": cfg.min_type_records,
+            "split": evaluation.split, "comparison": comparison}
+
+
+def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: dict[str, str],
+             pipeline_run_id: str) -> RegisterOutcome:
     name = params.runtime.model_name
-    metric = params.registry.gate_metric
-    candidate = evaluation.candidate.table["overall"]
-    lineage = {
-        registry.TAG_DATASET_MD5: dataset_md5,
-        # the commit of the code that ran, not of whatever directory the step was started in
-        registry.TAG_GIT_COMMIT: registry.git_commit(Path(lesionflow.__file__).parent),
-        registry.TAG_PARAMS_HASH: params.digest(),
-        registry.TAG_PIPELINE_RUN_ID: pipeline_run_id,
-        registry.TAG_PARENT_VERSION: evaluation.champion_version or "none",
-        registry.TAG_PSEUDO_DATASET_MD5: pseudo_dataset_md5,
-        registry.TAG_LABELLER_VERSION: labeller,
-        registry.TAG_CORRECTIONS_MD5: corrections_md5,
-    }
-    metrics = {f"{evaluation.split}_{k}": v for k, v in candidate.items() if math.isfinite(v)}
-    version = registry.register_model(load_model(model_dir), name=name, lineage=lineage,
-                                      metrics=metrics, threshold=params.evaluate.threshold)
+    cfg = params.registry
+    comparison = evaluation.comparison
+    decision = registry.gate(evaluation.candidate.table if comparison is None else comparison.candidate,
+                             comparison.champion if comparison else None, metric=cfg.gate_metric,
+                             tolerance=cfg.tolerance, max_type_drop=cfg.max_type_drop,
+                             min_type_records=cfg.min_type_records)
+    record = gate_record(params, evaluation, decision)
+    metrics = {f"{evaluation.split}_{k}": v for k, v in evaluation.candidate.table["overall"].items()
+               if math.isfinite(v)}
+    version = registry.register_model(
+        load_model(model_dir), name=name, metrics=metrics, threshold=params.evaluate.threshold,
+        lineage={**lineage, TAG_PARAMS_HASH: params.digest(), TAG_PIPELINE_RUN_ID: pipeline_run_id,
+                 TAG_PARENT_VERSION: evaluation.champion_version or NONE},
+        artifacts={PARAMS_ARTIFACT: params.model_dump(mode="json"),
+                   RECORDS_ARTIFACT: json.loads((model_dir / RECORDS_FILE).read_text()),
+                   EVALUATION_ARTIFACT: {"split": evaluation.split, "table": evaluation.candidate.table},
+                   GATE_ARTIFACT: record})
+    gate_tags = {TAG_GATE: record["decision"], TAG_GATE_REASON: decision.reason[:4000],
+                 TAG_GATE_N: str(comparison.n if comparison else 0),
+                 TAG_GATE_RECORD_SET: comparison.record_set if comparison else NONE}
+    client = MlflowClient()
+    for key, value in gate_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    mlflow.set_tags(gate_tags)
     registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
-    decision = registry.gate(candidate, evaluation.champion.table["overall"] if evaluation.champion else None,
-                             metric=metric, tolerance=params.registry.tolerance)
     if decision.promote:
-        registry.move_alias(name, "champion", version, why=decision.reason, action="promote")
-    mlflow.set_tags({"lesionflow.gate": "promoted" if decision.promote else "refused",
-                     "lesionflow.gate_reason": decision.reason})
-    return RegisterOutcome(version, decision.promote, decision.reason,
-                           registry.champion_version(name))
+        registry.move_alias(name, "champion", version, why=decision.reason, action="promote",
+                            gate_record=record)
+    else:
+        registry.record_refusal(name, version, why=decision.reason, gate_record=record)
+    return RegisterOutcome(version, decision.promote, decision.reason, registry.champion_version(name),
+                           record)

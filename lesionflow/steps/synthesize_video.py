@@ -55,7 +55,7 @@ from lesionflow.video.train import (
 
 REPORT = "synthesize_video_report.json"
 SYNTH_DIR = "synthetic_video"
-LABELLER = "next-frame-G"
+VIDEO_MODEL = "video_model"  # artifact folder of G in the step's run
 
 
 @dataclass
@@ -64,6 +64,7 @@ class SynthesisReport:
     counts: dict[str, int] = field(default_factory=dict)  # videos / synthetic / propagated
     stop_reason: str | None = None
     skipped_videos: list[str] = field(default_factory=list)  # no key-frame mask to roll from
+    model_uri: str | None = None  # runs:/<step run>/video_model: G, which drew every mask it added
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -114,7 +115,7 @@ def _load_videos(params: Params, dataset_dir: Path, records: list[Record], repor
 
 
 def _propagate(model: NextFrameModel, videos: list[Video], dataset_dir: Path, tmp: Path, device,
-               threshold: float) -> dict[str, Record]:
+               threshold: float, model_uri: str) -> dict[str, Record]:
     """Pseudo-labels (at each frame's native size) for the unlabelled frames of ``videos``."""
     updates: dict[str, Record] = {}
     for video in progress(videos, "propagating masks"):
@@ -127,12 +128,12 @@ def _propagate(model: NextFrameModel, videos: list[Video], dataset_dir: Path, tm
             rel = f"masks/{r.id}.png"
             sha = write_png((native > threshold).astype(np.uint8) * 255, tmp / rel)
             updates[r.id] = r.model_copy(update={"kind": "pseudo_label", "mask": rel, "mask_sha256": sha,
-                                                 "labelled_by": LABELLER})
+                                                 "labelled_by": model_uri})
     return updates
 
 
 def synthesize_frames(params: Params, model: NextFrameModel, dataset_dir: Path, records: list[Record],
-                      tmp: Path, device) -> list[Record]:
+                      tmp: Path, device, model_uri: str) -> list[Record]:
     """``mix_ratio`` × (real labelled train images) synthetic frames, rolled from those images in
     seeded order and written under ``tmp``. Any truly labelled image is a still here (a video
     frame too: one frame alone is a still image)."""
@@ -171,7 +172,7 @@ def synthesize_frames(params: Params, model: NextFrameModel, dataset_dir: Path, 
                 mask_sha256=write_png((masks[t, 0].numpy() > params.evaluate.threshold).astype(np.uint8) * 255,
                                       tmp / rel_mask),
                 height=size, width=size, channels=3, lesion_type=still.lesion_type, group=still.group,
-                split="train", frame_index=t, source=still.image, labelled_by=LABELLER))
+                split="train", frame_index=t, source=still.image, labelled_by=model_uri))
     return out
 
 
@@ -202,11 +203,13 @@ def synthesize_video(params: Params, dataset_dir: Path, out_dir: Path) -> Synthe
             report.stop_reason = result.stop_reason
             mlflow.log_figure(_loss_figure(result.history), "video_losses.png")
             with tempfile.TemporaryDirectory() as model_tmp:
-                mlflow.log_artifact(str(save_next_frame(model, Path(model_tmp) / "next_frame.pt")), "video_model")
-            updates = (_propagate(model, videos, dataset_dir, tmp, device, params.evaluate.threshold)
-                       if cfg.propagate else {})
+                mlflow.log_artifact(str(save_next_frame(model, Path(model_tmp) / "next_frame.pt")), VIDEO_MODEL)
+            report.model_uri = f"runs:/{mlflow.active_run().info.run_id}/{VIDEO_MODEL}"
+            updates = (_propagate(model, videos, dataset_dir, tmp, device, params.evaluate.threshold,
+                                  report.model_uri) if cfg.propagate else {})
             out = [updates.get(r.id, r) for r in records]
-            synthetic = synthesize_frames(params, model, dataset_dir, records, tmp, device)
+            synthetic = synthesize_frames(params, model, dataset_dir, records, tmp, device,
+                                          report.model_uri)
             out += synthetic
             for video in videos[: cfg.n_rollouts_logged]:
                 probs = propagate_masks(model, video.frames, video.masks[video.key], video.key, device)

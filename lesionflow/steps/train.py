@@ -6,22 +6,94 @@ from pathlib import Path
 
 import mlflow
 
+from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.data.manifest import read_fingerprint, read_manifest
+from lesionflow.errors import WarmStartError
 from lesionflow.meta import sample_weights
 from lesionflow.models import build_model
+from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import save_model
 from lesionflow.training import FitResult, SegmentationDataset, fit, labelled
 
+# ``model`` keys that decide the weights' shapes; dropout has no weights, so it may change
+_WEIGHT_KEYS = ("in_channels", "base_channels", "depth", "upsample")
+
+
+def init_version(params: Params) -> str | None:
+    """The registered version number ``train.init_from`` names; None means from scratch.
+
+    ``champion`` with no champion yet (the first run of a scheduled retrain) is None, with a note;
+    a version number the registry lacks raises ``RegistryError``. Every call asks the registry
+    anew: to record the version a run starts from, call this once and pass the number on as
+    ``train.init_from`` — a number resolves to itself, so the weights loaded and the version
+    recorded agree even if the champion moves meanwhile."""
+    ref = params.train.init_from
+    if ref is None:
+        return None
+    name = params.runtime.model_name
+    if ref == registry.CHAMPION:
+        version = registry.champion_version(name)
+        if version is None:
+            print(f"train.init_from: champion, but {name!r} has no champion yet: training from scratch")
+        return version
+    return registry.resolve(name, ref)
+
 
 def new_segmenter(params: Params, dataset_dir: Path) -> Segmenter:
-    """An untrained model whose input normalisation comes from the dataset fingerprint."""
+    """The model training starts from.
+
+    ``train.init_from: null`` (or no champion yet): untrained, input normalisation from the
+    dataset fingerprint, ``train.image_size``. Otherwise a copy of the weights of the version
+    ``init_version`` resolves (the registry is asked once, and that number is what is loaded),
+    keeping that version's image size and mean/std rather than this dataset's: its weights were
+    trained on inputs scaled that way. ``model.dropout`` comes from params; any other ``model``
+    key that differs from the version's raises ``WarmStartError``. A per-lesion-type version
+    (``LesionTypeRouter``) can start only from its single model if it has one: this function
+    builds one model without knowing its lesion type, so it cannot pick among several.
+    """
+    version = init_version(params)
+    if version is None:
+        return _from_scratch(params, dataset_dir)
+    return _warm_start(params, version)
+
+
+def _from_scratch(params: Params, dataset_dir: Path) -> Segmenter:
     stats = read_fingerprint(dataset_dir)["intensity"]
     mean, std = _per_model_channel(stats["mean"], params.model.in_channels), _per_model_channel(
         stats["std"], params.model.in_channels)
     # a constant dataset has std 0; 1 grey level keeps the division finite
     return Segmenter(build_model(params.model), params.train.image_size, mean, [max(s, 1.0) for s in std])
+
+
+def _warm_start(params: Params, version: str) -> Segmenter:
+    name = params.runtime.model_name
+    source = registry.load_model(name, version)
+    if isinstance(source, LesionTypeRouter):
+        if len(source.lesion_types) != 1:
+            raise WarmStartError(
+                f"train.init_from: {name} v{version} is one model per lesion type "
+                f"({', '.join(source.lesion_types)}) and a shared model cannot start from several; "
+                f"set train.init_from to a version with one model, or null to train from scratch")
+        source = source.route(source.lesion_types[0])
+    wanted = params.model.model_dump()
+    differ = [k for k in _WEIGHT_KEYS if source.net.hparams[k] != wanted[k]]
+    if differ:
+        raise WarmStartError(
+            f"train.init_from: {name} v{version} has another architecture: "
+            + ", ".join(f"model.{k} is {wanted[k]!r} here but {source.net.hparams[k]!r} in "
+                        f"v{version}" for k in differ)
+            + f"; set {'these' if len(differ) > 1 else 'it'} to v{version}'s value to fine-tune it, "
+              "or train.init_from: null to train the new architecture from scratch")
+    if params.train.image_size != source.image_size:
+        print(f"warm start from {name} v{version}: training at its image size {source.image_size}, "
+              f"not train.image_size {params.train.image_size}")
+    model = Segmenter(build_model(params.model), source.image_size, source.mean.flatten().tolist(),
+                      source.std.flatten().tolist())
+    model.load_state_dict(source.state_dict())  # weights, batch-norm statistics, mean/std
+    print(f"warm start from {name} v{version}")
+    return model
 
 
 def _per_model_channel(values: list[float], channels: int) -> list[float]:

@@ -13,11 +13,13 @@ record's ``score`` is the agreement of the network's own prediction with the pai
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from PIL import Image
 
 from lesionflow.config import Params
@@ -28,7 +30,7 @@ from lesionflow.steps.train import new_segmenter
 from lesionflow.training import SegmentationDataset, labelled
 from lesionflow.weak.train import Annotation, WeakTrainingSet, fit_weak
 
-LABELLED_BY = "weak-gcn"
+WEAK_MODEL = "weak_model"  # artifact folder of the segmenter + GCN weights
 
 
 @dataclass
@@ -39,6 +41,7 @@ class WeakLabelReport:
     ignored_pixel_share: float = 0.0
     agreement_median: float = 0.0
     best_val_dice: float | None = None
+    model_uri: str = ""  # runs:/<step run>/weak_model: the segmenter + GCN that drew the masks
 
 
 def to_png(target: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -62,6 +65,14 @@ def strip(image: np.ndarray, annotation: Annotation, size: int) -> np.ndarray:
         tinted[sel] = 0.5 * tinted[sel] + 0.5 * np.array(colour, np.float32)
     gap = np.full((size, 4, 3), 255, np.uint8)
     return np.concatenate([rgb, gap, edged, gap, tinted.astype(np.uint8)], axis=1)
+
+
+def log_weak_model(state: dict) -> str:
+    """Store the weights that drew the weak records' masks in the step's run; their id for lineage."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, f"{tmp}/{WEAK_MODEL}.pt")
+        mlflow.log_artifact(f"{tmp}/{WEAK_MODEL}.pt", WEAK_MODEL)
+    return f"runs:/{mlflow.active_run().info.run_id}/{WEAK_MODEL}"
 
 
 def label_weak_records(params: Params, source_dir: Path, dataset_dir: Path, records: list[Record],
@@ -89,6 +100,7 @@ def label_weak_records(params: Params, source_dir: Path, dataset_dir: Path, reco
 
     result = fit_weak(model, data, cfg, params.train, seed=params.seed, val=val, pretrained=pretrained,
                       on_epoch=log_epoch)
+    model_uri = log_weak_model(result.state)
     by_id: dict[str, Record] = {}
     for i, (record, annotation) in enumerate(zip(weak, result.annotations, strict=True)):
         mask_rel = f"masks/{record.id}.png"
@@ -96,7 +108,7 @@ def label_weak_records(params: Params, source_dir: Path, dataset_dir: Path, reco
         by_id[record.id] = record.model_copy(update={
             "kind": "pseudo_label", "mask": mask_rel, "mask_sha256": sha,
             "score": round(annotation.agreement, 6), "score_method": "weak_gcn",
-            "labelled_by": LABELLED_BY if labeller is None or not pretrained else f"{LABELLED_BY}+{labeller}"})
+            "labelled_by": model_uri})
         if i < cfg.n_logged:
             mlflow.log_image(strip(load_image(dataset_dir, record), annotation, model.image_size),
                              f"weak_labels/{record.id}.png")
@@ -105,11 +117,11 @@ def label_weak_records(params: Params, source_dir: Path, dataset_dir: Path, reco
         vertices={k: sum(a.counts[k] for a in result.annotations) for k in result.annotations[0].counts},
         ignored_pixel_share=float(np.mean([(a.target == -1).mean() for a in result.annotations])),
         agreement_median=float(np.median([a.agreement for a in result.annotations])),
-        best_val_dice=result.best_val_dice)
+        best_val_dice=result.best_val_dice, model_uri=model_uri)
     mlflow.log_metrics({"weak/n_weak": report.n_weak, "weak/agreement_median": report.agreement_median,
                         "weak/final_ignored_pixel_share": report.ignored_pixel_share,
                         **{f"weak/final_{k}_vertices": v for k, v in report.vertices.items()}})
     mlflow.log_dict(asdict(report), "weak_label_report.json")
-    print(f"weak labels: {report.n_weak} records pseudo-labelled by {LABELLED_BY} "
+    print(f"weak labels: {report.n_weak} records pseudo-labelled by {model_uri} "
           f"(from {report.initialised_from}); vertices {report.vertices}")
     return [by_id.get(r.id, r) for r in records], report

@@ -183,6 +183,7 @@ class WeakFitResult:
     best_val_dice: float | None
     seconds: float
     history: list[dict] = field(default_factory=list)
+    state: dict = field(default_factory=dict)  # segmenter + GCN weights (CPU): what labelled them
 
 
 def fit_weak(segmenter: Segmenter, data: WeakTrainingSet, cfg: WeakLabelConfig, train_cfg: TrainConfig, *,
@@ -239,5 +240,5 @@ def fit_weak(segmenter: Segmenter, data: WeakTrainingSet, cfg: WeakLabelConfig, 
     else:
         best = (len(history) - 1, None)
     final = annotate(model, weak_images, data.ratios, data.errors, "gcn", device, train_cfg.batch_size)
-    segmenter.to("cpu").eval()
-    return WeakFitResult(final, best[0], best[1], time.monotonic() - start, history)
+    model.to("cpu").eval()
+    return WeakFitResult(final, best[0], best[1], time.monotonic() - start, history, model.state_dict())
