@@ -63,10 +63,10 @@ def images(n: int) -> list[bytes]:
 def register(params: config.Params) -> None:
     tracking.connect(params)
     model = Segmenter(build_model(params.model), params.train.image_size, [128.0] * 3, [64.0] * 3)
-    lineage = {lineage.TAG_DATASET_MD5: "bench", lineage.TAG_PARAMS_HASH: params.digest(),
-               lineage.TAG_PIPELINE_RUN_ID: "bench"}
+    tags = {lineage.TAG_DATASET_MD5: "bench", lineage.TAG_PARAMS_HASH: params.digest(),
+            lineage.TAG_PIPELINE_RUN_ID: "bench"}
     with mlflow.start_run():
-        version = registry.register_model(model, name=NAME, lineage=lineage, metrics={})
+        version = registry.register_model(model, name=NAME, lineage=tags, metrics={})
     registry.move_alias(NAME, "champion", version, why="bench", action="set")
 
 

@@ -14,7 +14,9 @@ what the champion knew? Protocol, all through the package's own code:
    ``meta_train.correction_weight``; validation stays Kvasir val, as in the pipeline);
 4. arms, interleaved per seed (the order rotates so load drift hits every arm):
    ``scratch`` ``--epochs``; ``warm`` ``--warm-epochs`` and ``warm-long`` ``--epochs`` from the
-   champion (``train.init_from`` pinned to its version number);
+   champion (``train.init_from`` pinned to its version number); ``scratch-2x`` 2 × ``--epochs``,
+   the epochs the champion and ``warm-long`` ran together, tells how much of a warm start's gain
+   is just the training already behind it (``warm-long`` and ``scratch-2x``: ``--long-seeds``);
 5. each arm's kept checkpoint (best Kvasir-val epoch) is scored once on the Kvasir test split and
    once on the CVC test split (sequences never trained on), at each image's own resolution.
 
@@ -24,7 +26,7 @@ epoch and the validation passes. The ingested datasets and the champion are cach
 MLflow store under one parent run.
 
     python bench/warm_start.py [--image-size 64] [--epochs 4] [--warm-epochs 1] [--seeds 3]
-                               [--long-seeds 1] [--corrections 60] [--cache DIR] [--out F.json]
+                               [--long-seeds 3] [--corrections 60] [--cache DIR] [--out F.json]
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from lesionflow.data.manifest import Record, link_or_copy, read_manifest, staged
 from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import score_model
 from lesionflow.steps.ingest import build_dataset
+from lesionflow.steps.meta_train import seed_everything
 from lesionflow.steps.train import train
 from lesionflow.training import labelled
 
@@ -90,7 +93,8 @@ def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
 def champion(params: config.Params, dataset: Path, dataset_key: str) -> tuple[str, str, float | None]:
     """(model name, version, training wall s or None when cached): the registered model name carries
     the key of everything that changes the champion, so a cached one is found by name."""
-    key = digest(params.digest(), dataset_key, code_digest(TRAIN_CODE))
+    key = digest(params.digest(), dataset_key, code_digest(TRAIN_CODE),
+                 hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
     name = f"warm-bench-champion-{key}"
     version = registry.champion_version(name)
     if version is not None:
@@ -100,6 +104,7 @@ def champion(params: config.Params, dataset: Path, dataset_key: str) -> tuple[st
     with mlflow.start_run(run_name="champion (Kvasir only)", nested=True), \
             tempfile.TemporaryDirectory() as tmp:
         t0 = time.monotonic()
+        seed_everything(champ.seed, champ.train.deterministic)
         train(champ, dataset, Path(tmp))
         seconds = time.monotonic() - t0
         version = registry.register_model(load_model(Path(tmp)), name=name, metrics={}, lineage={
@@ -161,7 +166,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="champion, scratch and warm-long")
     parser.add_argument("--warm-epochs", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=3, help="seeds of scratch and warm")
-    parser.add_argument("--long-seeds", type=int, default=1, help="seeds of warm-long (the first ones)")
+    parser.add_argument("--long-seeds", type=int, default=3,
+                        help="seeds of warm-long and scratch-2x (the first ones)")
     parser.add_argument("--corrections", type=int, default=60)
     parser.add_argument("--per-sequence", type=int, default=10)
     # one thread: on the shared 2-core machine (load ~6) two threads made a step 6x slower
@@ -216,9 +222,10 @@ def main() -> None:
         # pinned to the number, not the alias: what every warm arm starts from is fixed
         arms = {"scratch": with_overrides(base, init_from=None),
                 "warm": with_overrides(base, init_from=version, epochs=args.warm_epochs),
-                "warm-long": with_overrides(base, init_from=version)}
+                "warm-long": with_overrides(base, init_from=version),
+                "scratch-2x": with_overrides(base, init_from=None, epochs=2 * args.epochs)}
         for seed in range(args.seeds):
-            names = [a for a in arms if a != "warm-long" or seed < args.long_seeds]
+            names = [a for a in arms if a in ("scratch", "warm") or seed < args.long_seeds]
             for arm in names[seed % len(names):] + names[:seed % len(names)]:
                 arm_params = arms[arm].model_copy(update={"seed": seed})
                 out = tmp / f"{arm}-{seed}"
@@ -226,6 +233,8 @@ def main() -> None:
                     mlflow.set_tags({"arm": arm, "seed": str(seed),
                                      lineage.TAG_INIT_FROM_VERSION: arm_params.train.init_from or lineage.NONE})
                     t0 = time.monotonic()
+                    # as the pipeline's step does: the initial weights depend on the seed alone
+                    seed_everything(seed, arm_params.train.deterministic)
                     fit = train(arm_params, merged, out)
                     wall = time.monotonic() - t0
                     scores = score(load_model(out))
@@ -253,19 +262,20 @@ def print_table(results: dict) -> None:
     print(f"\nKvasir-SEG champion + {results['n_corrections']} corrected CVC-ClinicDB frames, "
           f"{results['image_size']}², {results['epochs']} epochs from scratch; test Dice mean "
           f"(min–max over seeds); Kvasir test n={n_test['kvasir']}, CVC test n={n_test['cvc']}")
-    print(f"| arm | epochs | seeds | wall s | wall vs scratch (same seed) | Kvasir test Dice | CVC test Dice |")
+    print("| arm | epochs | seeds | wall s | wall vs scratch (same seed) | Kvasir test Dice | CVC test Dice |")
     print("|---|---|---|---|---|---|---|")
     champ = results["champion"]
     wall = f"{champ['wall_seconds']:.0f}" if champ["wall_seconds"] else "cached"
     print(f"| champion (Kvasir only, before corrections) | {results['epochs']} | 1 | {wall} | | "
           f"{champ['test_dice']['kvasir']:.3f} | {champ['test_dice']['cvc']:.3f} |")
-    for arm in ("scratch", "warm", "warm-long"):
+    for arm in ("scratch", "warm", "warm-long", "scratch-2x"):
         rows = [r for r in runs if r["arm"] == arm]
         if not rows:
             continue
         ratios = [r["wall_seconds"] / scratch_wall[r["seed"]] for r in rows if r["seed"] in scratch_wall]
+        ratio = "1" if arm == "scratch" else spread(ratios)
         print(f"| {arm} | {rows[0]['epochs']} | {len(rows)} | {np.mean([r['wall_seconds'] for r in rows]):.0f} | "
-              f"{spread(ratios)}× | {spread([r['test_dice']['kvasir'] for r in rows])} | "
+              f"{ratio}× | {spread([r['test_dice']['kvasir'] for r in rows])} | "
               f"{spread([r['test_dice']['cvc'] for r in rows])} |")
     print(f"total bench wall time {results['total_seconds'] / 60:.1f} min; MLflow parent run "
           f"{results['parent_run_id']}")

@@ -137,7 +137,7 @@ def test_merge_supersedes_train_masks_and_keeps_test_images_out(params, tmp_path
     assert (merged_dir / "fingerprint.json").is_file()
 
 
-def test_retrain_counts_corrections_the_champion_has_not_seen(params, tmp_path, capsys):
+def test_retrain_counts_corrections_the_last_attempt_has_not_seen(params, tmp_path, capsys):
     assert not retrain.decide(params, 1).start  # nothing recorded yet
     v1 = register_version(params)
     registry.move_alias(params.runtime.model_name, "champion", v1, why="test", action="promote")
@@ -158,9 +158,16 @@ def test_retrain_counts_corrections_the_champion_has_not_seen(params, tmp_path, 
             "--set", "runtime.model_name=corr-model"]
     assert cli.main(["retrain", "--min-corrections", "5", *args]) == 0
     out = capsys.readouterr().out
-    assert "nothing to do: 1 new correction(s) since champion v2; need at least 5" in out
+    assert "nothing to do: 1 new correction(s) since the last attempt v2; need at least 5" in out
     assert cli.main(["corrections", "status", *args]) == 0
     assert second.md5 in capsys.readouterr().out
+    # a candidate trained on `second` that the gate refused (registered, never champion) is an
+    # attempt too: the scheduler must not retrain on the same corrections at every tick
+    register_version(params, corrections_md5=second.md5)
+    assert registry.champion_version(params.runtime.model_name) == v2
+    decision = retrain.decide(params, 1)
+    assert (decision.start, decision.new_corrections) == (False, 0)
+    assert "0 new correction(s) since the last attempt v3" in decision.reason
 
 
 def test_a_batch_from_s3_lands_on_the_s3_remote_via_the_tracking_server(

@@ -13,7 +13,13 @@ from lesionflow import config, lineage, registry, tracking
 from lesionflow.data.manifest import read_manifest
 from lesionflow.errors import GateError
 from lesionflow.models.store import save_model
-from lesionflow.steps.evaluate import compare_with_champion, record_set_hash, score_model, select, unseen
+from lesionflow.steps.evaluate import (
+    compare_with_champion,
+    record_set_hash,
+    score_model,
+    select,
+    unseen,
+)
 from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.meta_train import write_training_records
 from lesionflow.steps.train import new_segmenter

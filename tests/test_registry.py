@@ -286,7 +286,7 @@ def test_end_to_end_over_http(mlflow_server, monkeypatch):
         dices = {"1": 0.70, "2": 0.75, "3": 0.745}
         for seed, dice in enumerate(dices.values(), start=1):
             champ = reg.champion_version(name)
-            decision = reg.gate({"dice": dice}, champ and reg.version_metrics(name, champ))
+            decision = reg.gate(overall(dice=dice), champ and {"overall": reg.version_metrics(name, champ)})
             version, model = register(exp_id, name, seed=seed, dice=dice, **{lineage.TAG_PIPELINE_RUN_ID: f"run-{seed}"})
             logged[version] = model
             assert decision.promote  # v3 is 0.005 worse: within the default tolerance 0.01
@@ -295,7 +295,7 @@ def test_end_to_end_over_http(mlflow_server, monkeypatch):
         assert reg.version_info(name, "3")["tags"][lineage.TAG_PIPELINE_RUN_ID] == "run-3"
 
         # a candidate beyond tolerance is refused and the champion stays put
-        refused = reg.gate({"dice": 0.70}, reg.version_metrics(name, reg.champion_version(name)))
+        refused = reg.gate(overall(dice=0.70), {"overall": reg.version_metrics(name, reg.champion_version(name))})
         assert not refused.promote and "0.7000 < champion 0.7450" in refused.reason
         assert reg.champion_version(name) == "3"
 
@@ -334,8 +334,9 @@ def test_end_to_end_over_http(mlflow_server, monkeypatch):
         # the weights went up through the server (mlflow-artifacts:/) into its own destination
         uris = [MlflowClient().get_model_version_download_uri(name, v) for v in "123"]
         assert all(u.startswith("mlflow-artifacts:/") for u in uris), uris
-        stored = list(mlflow_server.artifacts.rglob("segmenter.pt"))
-        assert len(stored) == 3 and all(p.stat().st_size > 0 for p in stored)
+        for uri in uris:  # mlflow-artifacts:/<path> lives at <destination>/<path> on the server
+            stored = list((mlflow_server.artifacts / uri.removeprefix("mlflow-artifacts:/")).rglob("segmenter.pt"))
+            assert len(stored) == 1 and stored[0].stat().st_size > 0, uri
 
     # the registry really is the server's SQLite store, not whatever a default URI pointed at
     with sqlite3.connect(mlflow_server.db) as db:

@@ -69,10 +69,10 @@ def server(tmp_path_factory):
     params = config.load(REPO / "params.yaml", overrides)
     old_uri = mlflow.get_tracking_uri()
     tracking.connect(params)
-    lineage = {lineage.TAG_DATASET_MD5: "d.dir", lineage.TAG_PARAMS_HASH: "p", lineage.TAG_PIPELINE_RUN_ID: "r"}
+    tags = {lineage.TAG_DATASET_MD5: "d.dir", lineage.TAG_PARAMS_HASH: "p", lineage.TAG_PIPELINE_RUN_ID: "r"}
     for model in (segmenter(1), LesionTypeRouter({"round": segmenter(2), "elongated": segmenter(3)})):
         with mlflow.start_run():
-            version = registry.register_model(model, name="served", lineage=lineage, metrics={})
+            version = registry.register_model(model, name="served", lineage=tags, metrics={})
         registry.move_alias("served", "champion", version, why="test", action="promote")
     mlflow.set_tracking_uri(old_uri)
 

@@ -21,7 +21,12 @@ from lesionflow.config import Params
 from lesionflow.data.manifest import Record, read_manifest
 from lesionflow.data.transforms import load_image, load_mask
 from lesionflow.errors import GateError, RegistryError
-from lesionflow.lineage import RECORDS_ARTIFACT, RECORDS_FILE, TAG_COMPARED_WITH, TAG_GATE_RECORD_SET
+from lesionflow.lineage import (
+    RECORDS_ARTIFACT,
+    RECORDS_FILE,
+    TAG_COMPARED_WITH,
+    TAG_GATE_RECORD_SET,
+)
 from lesionflow.metrics import aggregate, image_metrics
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter

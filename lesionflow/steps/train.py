@@ -84,7 +84,7 @@ def _warm_start(params: Params, version: str) -> Segmenter:
             f"train.init_from: {name} v{version} has another architecture: "
             + ", ".join(f"model.{k} is {wanted[k]!r} here but {source.net.hparams[k]!r} in "
                         f"v{version}" for k in differ)
-            + f"; set {'these' if len(differ) > 1 else 'it'} to v{version}'s value to fine-tune it, "
+            + f"; set {'them' if len(differ) > 1 else 'it'} as in v{version} to fine-tune it, "
               "or train.init_from: null to train the new architecture from scratch")
     if params.train.image_size != source.image_size:
         print(f"warm start from {name} v{version}: training at its image size {source.image_size}, "
