@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create a KFP recurring run on this cron schedule, e.g. '0 3 * * *'")
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
     p = add("retrain", cmd_retrain,
-            "run the pipeline if enough reviewer corrections arrived since the champion")
+            "run the pipeline if enough reviewer corrections arrived since the last training attempt")
     p.add_argument("--min-corrections", type=int, required=True, metavar="N")
     p.add_argument("--warm-start", action="store_true",
                    help="fine-tune from the champion's weights (train.init_from=champion)")
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="version whose predictions were corrected (else corrections.csv's column)")
     p.add_argument("--reviewer", help="who corrected the masks (default: $LESIONFLOW_USER, else the "
                    "login name); a reviewer column in corrections.csv overrides it per row")
-    p = add("status", cmd_corrections_status, "corrections since the champion was trained",
+    p = add("status", cmd_corrections_status, "corrections since the last training attempt",
             parent=corrections)
     p.add_argument("--min-corrections", type=int, default=1, metavar="N")
     return parser
