@@ -118,14 +118,21 @@ def test_another_architecture_is_refused_naming_the_key(params, dataset):
         new_segmenter(wider, dataset)
 
 
-def test_per_lesion_type_versions_start_a_model_only_from_a_single_type(params, dataset):
+def test_per_lesion_type_versions_start_each_types_model_from_its_own_weights(params, dataset):
     only = segmenter(seed=3)
     register(LesionTypeRouter({"polyp": only}))
     model = new_segmenter(with_init(params, "champion"), dataset)
     assert torch.equal(parameters(model), parameters(only))
-    two = register(LesionTypeRouter({"polyp": segmenter(seed=4), "flat": segmenter(seed=5)}))
+    flat = segmenter(seed=5)
+    two = register(LesionTypeRouter({"polyp": segmenter(seed=4), "flat": flat}))
     with pytest.raises(WarmStartError, match=rf"v{two} is one model per lesion type \(flat, polyp\)"):
         new_segmenter(with_init(params, "champion"), dataset)
+    # per-type training names the type: each model starts from its own type's weights ...
+    assert torch.equal(parameters(new_segmenter(with_init(params, "champion"), dataset, "flat")),
+                       parameters(flat))
+    # ... and a type the champion never had starts from scratch, not from another type
+    fresh = new_segmenter(with_init(params, "champion"), dataset, "sessile")
+    assert not torch.equal(parameters(fresh), parameters(flat))
 
 
 def test_no_champion_yet_trains_from_scratch(params, dataset, capsys):

@@ -89,8 +89,9 @@ def merge_small_tasks(members: dict[str, list[int]], minimum: int = 2) -> dict[s
 
 
 def _train_one(params: Params, dataset_dir: Path, records: list[Record], val_records: list[Record],
-               prefix: str) -> tuple[Segmenter, MetaResult, dict[str, dict[str, int]]]:
-    model = new_segmenter(params, dataset_dir)
+               prefix: str, lesion_type: str | None = None
+               ) -> tuple[Segmenter, MetaResult, dict[str, dict[str, int]]]:
+    model = new_segmenter(params, dataset_dir, lesion_type)
     tasks, pools = build_tasks(params, dataset_dir, records, model)
     validation = SegmentationDataset(dataset_dir, val_records, model) if val_records else None
     cfg = params.train
@@ -153,7 +154,8 @@ def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
         for lesion_type in sorted(by_type):
             model, result, type_pools = _train_one(
                 params, dataset_dir, by_type[lesion_type],
-                [r for r in val_records if r.lesion_type == lesion_type], prefix=f"{lesion_type}.")
+                [r for r in val_records if r.lesion_type == lesion_type], prefix=f"{lesion_type}.",
+                lesion_type=lesion_type)
             models[lesion_type], results[lesion_type] = model, result
             pools.update({f"{lesion_type}/{k}": v for k, v in type_pools.items()})
         save_model(LesionTypeRouter(models), out_dir)

@@ -41,7 +41,7 @@ def init_version(params: Params) -> str | None:
     return registry.resolve(name, ref)
 
 
-def new_segmenter(params: Params, dataset_dir: Path) -> Segmenter:
+def new_segmenter(params: Params, dataset_dir: Path, lesion_type: str | None = None) -> Segmenter:
     """The model training starts from.
 
     ``train.init_from: null`` (or no champion yet): untrained, input normalisation from the
@@ -49,14 +49,36 @@ def new_segmenter(params: Params, dataset_dir: Path) -> Segmenter:
     ``init_version`` resolves (the registry is asked once, and that number is what is loaded),
     keeping that version's image size and mean/std rather than this dataset's: its weights were
     trained on inputs scaled that way. ``model.dropout`` comes from params; any other ``model``
-    key that differs from the version's raises ``WarmStartError``. A per-lesion-type version
-    (``LesionTypeRouter``) can start only from its single model if it has one: this function
-    builds one model without knowing its lesion type, so it cannot pick among several.
+    key that differs from the version's raises ``WarmStartError``. From a per-lesion-type version
+    (``LesionTypeRouter``), the model of ``lesion_type`` (per-type training names it) starts from
+    that type's weights, a type the version has no model for from scratch, and a shared model
+    (``lesion_type=None``) only from a version holding a single model.
     """
     version = init_version(params)
     if version is None:
         return _from_scratch(params, dataset_dir)
-    return _warm_start(params, version)
+    source = _warm_source(params, version, lesion_type)
+    if source is None:
+        print(f"warm start: {params.runtime.model_name} v{version} has no model for lesion type "
+              f"{lesion_type!r}: its model trains from scratch")
+        return _from_scratch(params, dataset_dir)
+    return _warm_start(params, version, source)
+
+
+def _warm_source(params: Params, version: str, lesion_type: str | None) -> Segmenter | None:
+    """The registered model to start from (None: a type the per-type version lacks)."""
+    name = params.runtime.model_name
+    source = registry.load_model(name, version)
+    if not isinstance(source, LesionTypeRouter):
+        return source
+    if lesion_type is not None:
+        return source.route(lesion_type) if lesion_type in source.lesion_types else None
+    if len(source.lesion_types) != 1:
+        raise WarmStartError(
+            f"train.init_from: {name} v{version} is one model per lesion type "
+            f"({', '.join(source.lesion_types)}) and a shared model cannot start from several; "
+            f"set train.init_from to a version with one model, or null to train from scratch")
+    return source.route(source.lesion_types[0])
 
 
 def _from_scratch(params: Params, dataset_dir: Path) -> Segmenter:
@@ -67,16 +89,8 @@ def _from_scratch(params: Params, dataset_dir: Path) -> Segmenter:
     return Segmenter(build_model(params.model), params.train.image_size, mean, [max(s, 1.0) for s in std])
 
 
-def _warm_start(params: Params, version: str) -> Segmenter:
+def _warm_start(params: Params, version: str, source: Segmenter) -> Segmenter:
     name = params.runtime.model_name
-    source = registry.load_model(name, version)
-    if isinstance(source, LesionTypeRouter):
-        if len(source.lesion_types) != 1:
-            raise WarmStartError(
-                f"train.init_from: {name} v{version} is one model per lesion type "
-                f"({', '.join(source.lesion_types)}) and a shared model cannot start from several; "
-                f"set train.init_from to a version with one model, or null to train from scratch")
-        source = source.route(source.lesion_types[0])
     wanted = params.model.model_dump()
     differ = [k for k in _WEIGHT_KEYS if source.net.hparams[k] != wanted[k]]
     if differ:
