@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesionflow import config, tracking
+from lesionflow import config, lineage, tracking
 from lesionflow.models import build_model
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.pipeline_runs import run_local
@@ -64,10 +64,10 @@ def pipeline_overhead(params: config.Params) -> tuple[float, float, dict[str, fl
     experiment_id = tracking.connect(params)  # before the client: it binds the tracking URI
     runs = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{summary['pipeline_run_id']}'")
-    steps = {r.data.tags[tracking.STEP_TAG]: (r.info.end_time - r.info.start_time) / 1000
+        filter_string=f"tags.`{lineage.TAG_PIPELINE_RUN_ID}` = '{summary['pipeline_run_id']}'")
+    steps = {r.data.tags[lineage.TAG_STEP]: (r.info.end_time - r.info.start_time) / 1000
              for r in sorted(runs, key=lambda r: r.info.start_time)
-             if r.data.tags.get(tracking.STEP_TAG) != "pipeline"}
+             if r.data.tags.get(lineage.TAG_STEP) != "pipeline"}
     return wall, sum(steps.values()), steps
 
 

@@ -49,9 +49,8 @@ from lesionflow.data.manifest import Record, link_or_copy, read_manifest, staged
 from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import score_model
 from lesionflow.steps.ingest import build_dataset
-from lesionflow.steps.meta_train import seed_everything
 from lesionflow.steps.train import train
-from lesionflow.training import labelled
+from lesionflow.training import labelled, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -151,7 +150,7 @@ def corrected_dataset(kvasir: Path, cvc: Path, batch: list[Record], corrected_fr
 
 
 def with_overrides(params: config.Params, **train: object) -> config.Params:
-    return params.model_copy(update={"train": params.train.model_copy(update=train)})
+    return params.with_section("train", **train)
 
 
 def spread(values: list[float]) -> str:

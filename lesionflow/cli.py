@@ -130,7 +130,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     print(f"retrain: starting: {decision.reason}")
     params = retrain.pinned(params, decision)
     if args.warm_start:
-        params = params.model_copy(update={"train": params.train.model_copy(update={"init_from": "champion"})})
+        params = params.with_section("train", init_from="champion")
     if args.host:
         run_id = submit(params, host=args.host, experiment=args.experiment, run_name=args.run_name)
         print(f"submitted run {run_id} to {args.host}")

@@ -321,6 +321,11 @@ class Params(_Section):
     corrections: CorrectionsConfig = CorrectionsConfig()
     cluster: ClusterConfig = ClusterConfig()
 
+    def with_section(self, section: str, **values: Any) -> Params:
+        """A copy with ``values`` replacing fields of one section, e.g. ``("train", init_from="3")``
+        (a run pinned to what was resolved, not what the file says)."""
+        return self.model_copy(update={section: getattr(self, section).model_copy(update=values)})
+
     def digest(self) -> str:
         """Stable hash of the tunables (where things run doesn't change results, so runtime,
         cluster and serve are excluded)."""

@@ -48,14 +48,17 @@ from lesionflow.data.manifest import (
 )
 from lesionflow.data.sources import materialize_source
 from lesionflow.errors import CorrectionError
+from lesionflow.lineage import (
+    TAG_CORRECTIONS_MD5,
+    TAG_N_ADDED,
+    TAG_N_CORRECTIONS,
+    TAG_REVIEWER,
+    TAG_SOURCE,
+)
 from lesionflow.versioning import restore_dataset, version_dataset
 
 CSV = "corrections.csv"
 ID_PREFIX = "correction-"
-TAG_MD5 = lineage.TAG_CORRECTIONS_MD5
-TAG_COUNT = "lesionflow.n_corrections"
-NONE = lineage.NONE
-TAG_REVIEWER = "lesionflow.reviewer"
 LEASE = "corrections"  # the lease resource: one add at a time per model
 LEASE_TTL = 60.0  # seconds an add that died blocks the next one (a live one renews every ttl/3)
 LEASE_WAIT = 300.0  # seconds an add waits for a concurrent one (a few adds' worth) before giving up
@@ -133,7 +136,7 @@ def latest(params: Params) -> CorrectionsVersion | None:
 
 
 def find(params: Params, md5: str) -> CorrectionsVersion:
-    runs = _runs(params, f"attributes.status = 'FINISHED' and tags.`{TAG_MD5}` = '{md5}'", 1)
+    runs = _runs(params, f"attributes.status = 'FINISHED' and tags.`{TAG_CORRECTIONS_MD5}` = '{md5}'", 1)
     if not runs:
         raise CorrectionError(f"{md5} is not a recorded corrections version of "
                               f"{params.runtime.model_name} (see `lesionflow corrections status`)")
@@ -157,7 +160,7 @@ def count_new(params: Params, version: CorrectionsVersion, since_md5: str | None
     """Corrections in ``version`` that ``since_md5`` did not hold (by id and mask content): the
     ones a model trained on ``since_md5`` has never seen."""
     current = _entries(version.run_id)
-    if since_md5 in (None, NONE):
+    if since_md5 in (None, lineage.NONE):
         return len(current)
     return len(current - _entries(find(params, since_md5).run_id))
 
@@ -244,8 +247,8 @@ def _record_version(params: Params, md5: str, dataset: Path, source: str, *, add
     experiment_id = tracking.ensure_experiment(params, experiment_name(params))
     n = len(read_manifest(dataset))
     run = client.create_run(experiment_id, run_name=f"corrections {md5[:8]} (+{added})",
-                            tags={TAG_MD5: md5, TAG_COUNT: str(n), "lesionflow.source": source,
-                                  "lesionflow.n_added": str(added), TAG_REVIEWER: ", ".join(reviewers)})
+                            tags={TAG_CORRECTIONS_MD5: md5, TAG_N_CORRECTIONS: str(n), TAG_SOURCE: source,
+                                  TAG_N_ADDED: str(added), TAG_REVIEWER: ", ".join(reviewers)})
     try:
         client.log_text(run.info.run_id, (dataset / MANIFEST).read_text(), MANIFEST)
         held.check()
@@ -266,7 +269,8 @@ def _runs(params: Params, filter_string: str, max_results: int) -> list:
 
 
 def _version_of(run) -> CorrectionsVersion:
-    return CorrectionsVersion(run.data.tags[TAG_MD5], int(run.data.tags[TAG_COUNT]), run.info.run_id)
+    return CorrectionsVersion(run.data.tags[TAG_CORRECTIONS_MD5], int(run.data.tags[TAG_N_CORRECTIONS]),
+                              run.info.run_id)
 
 
 def _entries(run_id: str) -> set[tuple[str, str | None]]:

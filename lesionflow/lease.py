@@ -238,12 +238,9 @@ def current(name: str, resource: str) -> LeaseInfo | None:
     with: it judges expiry by this machine's clock (``acquire`` uses the server's)."""
     client = MlflowClient()
     model = model_name(name, resource)
-    try:
-        floor = int(client.get_registered_model(model).tags.get(TAG_FLOOR, 1))
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    floor = _floor(client, model)
+    if floor is None:
+        return None
     now = int(time.time() * 1000)
     for ticket in _tickets(client, model, f"version_number >= {floor}"):
         if not ticket.released and now <= ticket.expires:
@@ -263,13 +260,21 @@ def _heartbeat(lease: Lease, stop: threading.Event) -> None:
                         lease.name, e)
 
 
-def _ensure_model(client: MlflowClient, model: str) -> int:
-    """The lease's registered model (created on first use); returns its floor."""
+def _floor(client: MlflowClient, model: str) -> int | None:
+    """The lowest ticket that may still be live, or None before the lease model exists."""
     try:
         return int(client.get_registered_model(model).tags.get(TAG_FLOOR, 1))
     except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def _ensure_model(client: MlflowClient, model: str) -> int:
+    """The lease's registered model (created on first use); returns its floor."""
+    floor = _floor(client, model)
+    if floor is not None:
+        return floor
     try:
         client.create_registered_model(model, tags={"lesionflow.internal": "lease"},
                                        description="lesionflow lease tickets (see lesionflow/lease.py)")

@@ -51,6 +51,12 @@ TAG_GATE_REASON = _PREFIX + "gate_reason"
 TAG_GATE_N = _PREFIX + "gate_n"  # test records both models were compared on
 TAG_GATE_RECORD_SET = _PREFIX + "gate_record_set"  # hash of those records (ids + content)
 TAG_COMPARED_WITH = _PREFIX + "compared_with_champion"
+TAG_REPRODUCES = _PREFIX + "reproduces"  # a `lesionflow reproduce` run: the version it rebuilds
+# on corrections versions (runs of <model>-corrections)
+TAG_N_CORRECTIONS = _PREFIX + "n_corrections"
+TAG_N_ADDED = _PREFIX + "n_added"  # corrections the batch behind this version added
+TAG_SOURCE = _PREFIX + "source"  # where that batch came from
+TAG_REVIEWER = _PREFIX + "reviewer"
 
 # --- artifacts on a registered version's run ---------------------------------------------------
 PARAMS_ARTIFACT = "lineage/params.json"  # the full resolved params (runtime included)

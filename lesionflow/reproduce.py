@@ -30,6 +30,7 @@ from lesionflow.lineage import (
     TAG_GIT_DIRTY,
     TAG_INIT_FROM_VERSION,
     TAG_PSEUDO_DATASET_MD5,
+    TAG_REPRODUCES,
     code_version,
     package_dir,
 )
@@ -97,8 +98,7 @@ def reproduce(here: Params, version: str) -> Reproduction:
                              "cannot rebuild it")
     warm = tags.get(TAG_INIT_FROM_VERSION, NONE)
     # the parent's weights, not whatever is champion today
-    params = params.model_copy(update={"train": params.train.model_copy(
-        update={"init_from": None if warm == NONE else warm})})
+    params = params.with_section("train", init_from=None if warm == NONE else warm)
     datasets = {"trained on": tags[TAG_PSEUDO_DATASET_MD5], "evaluated on": tags[TAG_DATASET_MD5]}
     runtime = params.runtime
     with tempfile.TemporaryDirectory(prefix="lesionflow-reproduce-") as tmp:
@@ -108,7 +108,7 @@ def reproduce(here: Params, version: str) -> Reproduction:
                                for role, md5 in datasets.items())
         experiment = tracking.ensure_experiment(params, f"{name}-reproduce")
         with mlflow.start_run(experiment_id=experiment, run_name=f"reproduce v{version}",
-                              tags={"lesionflow.reproduces": version}):
+                              tags={TAG_REPRODUCES: version}):
             meta_train_step.run(params, train_dir, tmp / "model")
             records = select(read_manifest(eval_dir), registered["split"])
             rebuilt = score_model(load_model(tmp / "model"), eval_dir, records, params.evaluate.threshold)

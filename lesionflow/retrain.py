@@ -48,5 +48,4 @@ def decide(params: Params, min_corrections: int) -> RetrainDecision:
 
 def pinned(params: Params, decision: RetrainDecision) -> Params:
     """The run trains on the corrections version the decision counted, even if more arrive."""
-    pinned_corrections = params.corrections.model_copy(update={"dataset": decision.corrections_md5})
-    return params.model_copy(update={"corrections": pinned_corrections})
+    return params.with_section("corrections", dataset=decision.corrections_md5)

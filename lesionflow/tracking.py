@@ -17,9 +17,6 @@ from mlflow.tracking import MlflowClient
 from lesionflow import lineage
 from lesionflow.config import Params
 
-PIPELINE_RUN_TAG = lineage.TAG_PIPELINE_RUN_ID
-STEP_TAG = lineage.TAG_STEP
-
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -55,12 +52,12 @@ def parent_run_id(params: Params, pipeline_run_id: str) -> str:
     experiment_id = connect(params)
     client = MlflowClient()
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}' "
-                                       f"and tags.`{STEP_TAG}` = 'pipeline'", max_results=1)
+        [experiment_id], filter_string=f"tags.`{lineage.TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' "
+                                       f"and tags.`{lineage.TAG_STEP}` = 'pipeline'", max_results=1)
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"pipeline {pipeline_run_id}",
-                            tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: "pipeline",
+                            tags={lineage.TAG_PIPELINE_RUN_ID: pipeline_run_id, lineage.TAG_STEP: "pipeline",
                                   lineage.TAG_PARAMS_HASH: params.digest()})
     return run.info.run_id
 
@@ -70,7 +67,7 @@ def step_run(params: Params, step: str, pipeline_run_id: str) -> Iterator[mlflow
     """A nested MLflow run for one step of one pipeline run (ended FAILED if the step raises)."""
     parent = parent_run_id(params, pipeline_run_id)
     with mlflow.start_run(run_name=step, parent_run_id=parent,
-                          tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: step}) as run:
+                          tags={lineage.TAG_PIPELINE_RUN_ID: pipeline_run_id, lineage.TAG_STEP: step}) as run:
         yield run
 
 

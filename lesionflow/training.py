@@ -7,6 +7,7 @@ plain baseline it is compared against.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,17 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
     return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Same data, params and seed → same weights (``lesionflow reproduce``): the initial weights
+    are drawn after this, whatever the process did before, and ``deterministic`` picks
+    deterministic kernels (warn_only keeps the few ops without one usable; cuBLAS needs its
+    workspace pinned for that)."""
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from lesionflow import cli, config, corrections, lease, tracking
+from lesionflow import cli, config, corrections, lease, lineage, tracking
 from lesionflow.data.manifest import read_manifest
 from lesionflow.errors import LeaseHeldError, LeaseLostError
 from tests.conftest import REPO
@@ -274,7 +274,7 @@ def test_two_reviewers_adding_at_once_both_land_in_the_newest_version(correction
     assert {r.corrected_from for r in records.values()} == {v1}
     runs = corrections._runs(params, "attributes.status = 'FINISHED'", max_results=10)
     assert len(runs) == 2 and runs[0].info.run_id == newest.run_id
-    assert sorted(r.data.tags[corrections.TAG_REVIEWER] for r in runs) == ["alice", "bob, carol"]
+    assert sorted(r.data.tags[lineage.TAG_REVIEWER] for r in runs) == ["alice", "bob, carol"]
     assert lease.current("conc-corrections", corrections.LEASE) is None  # both released
 
 
@@ -304,4 +304,4 @@ def test_an_add_that_cannot_get_the_lease_fails_cleanly(corrections_params, tmp_
     version = corrections.add(params, str(batch), model_version=v1)
     restored = read_manifest(corrections.restore(params, version.md5, tmp_path / "r"))
     assert [r.labelled_by for r in restored] == ["reviewer:ci-bot"]
-    assert MlflowClient().get_run(version.run_id).data.tags[corrections.TAG_REVIEWER] == "ci-bot"
+    assert MlflowClient().get_run(version.run_id).data.tags[lineage.TAG_REVIEWER] == "ci-bot"

@@ -88,9 +88,8 @@ def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, datase
     with step_context(params_json, "meta_train", pipeline_run_id) as params:
         run_id = mlflow.active_run().info.run_id
         warm_from = init_version(params)  # resolved once: the weights loaded = the version recorded
-        pinned = params.train.model_copy(update={"init_from": warm_from})
-        outcome = meta_train_step.run(params.model_copy(update={"train": pinned}), Path(dataset_path),
-                                      Path(model_path))
+        outcome = meta_train_step.run(params.with_section("train", init_from=warm_from),
+                                      Path(dataset_path), Path(model_path))
     return {"mlflow_run_id": run_id, "models": sorted(outcome.results) or ["plain"],
             "lineage": lineage.merged(lineage_json, init_from_version=warm_from)}
 
@@ -113,10 +112,9 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
     """Returns the run summary as JSON: the pipeline's output, printed by ``lesionflow run``."""
     evaluation = evaluate_step.Evaluation.load(Path(report_path) / evaluate_step.REPORT_FILE)
     with step_context(params_json, "register", pipeline_run_id) as params:
-        outcome = register_step.register(params, Path(model_path), evaluation, json.loads(lineage_json),
-                                         pipeline_run_id)
+        used = json.loads(lineage_json)
+        outcome = register_step.register(params, Path(model_path), evaluation, used, pipeline_run_id)
     tracking.finish_pipeline_run(params, pipeline_run_id)
-    used = json.loads(lineage_json)
     return json.dumps({
         "pipeline_run_id": pipeline_run_id,
         "dataset_dvc_md5": used[lineage.TAG_DATASET_MD5],

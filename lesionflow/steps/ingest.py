@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 
-from lesionflow import corrections
+from lesionflow import corrections, lineage
 from lesionflow.config import MetadataColumns, Params
 from lesionflow.corrections import CorrectionsVersion
 from lesionflow.data import synthetic
@@ -43,7 +43,7 @@ def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
     version = version_dataset(dataset_dir, remote=params.runtime.remote(),
                               endpoint_url=params.runtime.s3_endpoint_url,
                               workspace=params.runtime.resolved_workdir() / "dvc-workspace")
-    mlflow.set_tag("lesionflow.dataset_md5", version.md5)
+    mlflow.set_tag(lineage.TAG_DATASET_MD5, version.md5)
     mlflow.log_param("dvc.remote", version.remote)
     mlflow.log_artifact(str(dataset_dir / FINGERPRINT))
     mlflow.log_text(version.dvc_file, "dataset.dvc")
@@ -67,7 +67,7 @@ def run(params: Params, out_dir: Path) -> IngestOutcome:
               f"masks superseded, {len(merged.held_out)} of val/test images kept out")
         mlflow.log_metrics({"corrections_added": merged.added, "corrections_replaced": merged.replaced,
                             "corrections_held_out": len(merged.held_out)})
-    mlflow.set_tag(corrections.TAG_MD5, used.md5 if used else corrections.NONE)
+    mlflow.set_tag(lineage.TAG_CORRECTIONS_MD5, used.md5 if used else lineage.NONE)
     version = version_and_log(params, out_dir)
     mlflow.log_param("ingest.source", params.ingest.source)
     mlflow.log_metrics({"n_records": report.n_records, "n_skipped": len(report.skipped)})

@@ -9,13 +9,11 @@ supervised baseline on the same data instead, so both arms of a comparison go th
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import torch
 
 from lesionflow.config import Params
 from lesionflow.data.manifest import TRUSTED_KINDS, Record, read_manifest
@@ -26,7 +24,7 @@ from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import save_model
 from lesionflow.steps.train import new_segmenter, train
-from lesionflow.training import SegmentationDataset, labelled
+from lesionflow.training import SegmentationDataset, labelled, seed_everything
 
 
 @dataclass
@@ -110,17 +108,6 @@ def _train_one(params: Params, dataset_dir: Path, records: list[Record], val_rec
         mlflow.log_metrics({f"{prefix}best_val_dice": result.best_val_dice,
                             f"{prefix}best_step": result.best_step})
     return model, result, pools
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Same data, params and seed → same weights (``lesionflow reproduce``): the initial weights
-    are drawn after this, whatever the process did before, and ``deterministic`` picks
-    deterministic kernels (warn_only keeps the few ops without one usable; cuBLAS needs its
-    workspace pinned for that)."""
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def write_training_records(out_dir: Path, records: list[Record]) -> None:
