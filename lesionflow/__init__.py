@@ -10,3 +10,20 @@ __version__ = "0.1.0"
 # e.g. the `<version>-<gitsha>` tag scripts/build_image.sh pushes.
 IMAGE_REPOSITORY = "ghcr.io/lesionflow/lesionflow"
 IMAGE = os.environ.get("LESIONFLOW_IMAGE") or f"{IMAGE_REPOSITORY}:{__version__}"
+
+# MLflow's default store is ./mlflow.db of whatever folder a process happens to run in. lesionflow's
+# store is chosen by ``tracking.connect(params)``; until then any MLflow call fails with
+# TrackingNotConnectedError instead of writing a stray database.
+UNCONNECTED_TRACKING_URI = "lesionflow-unconnected:"
+os.environ.setdefault("MLFLOW_TRACKING_URI", UNCONNECTED_TRACKING_URI)
+
+
+def not_connected_store(*_args, **_kwargs):
+    """The store MLflow builds for ``lesionflow-unconnected:`` (an MLflow plugin entry point in
+    pyproject.toml, for tracking and the registry): it refuses."""
+    from lesionflow.errors import TrackingNotConnectedError
+
+    raise TrackingNotConnectedError(
+        "MLflow was used before lesionflow.tracking.connect(params) chose the store (MLflow would "
+        "have created ./mlflow.db in the current folder); call connect first, or set "
+        "MLFLOW_TRACKING_URI explicitly for code outside lesionflow")

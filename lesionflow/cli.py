@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -14,11 +16,24 @@ from lesionflow import config
 from lesionflow.errors import LeaseHeldError, LesionflowError
 
 
+def params_files(named: list[str] | None) -> list[str]:
+    """The files ``--params`` names; without it ``./params.yaml`` if this folder has one, else
+    none: the built-in defaults (said on stderr, so a run outside the repository is not a
+    surprise). A named file that is missing is an error, never a silent fallback."""
+    if named is not None:
+        return named
+    if Path(config.PARAMS_FILE).is_file():
+        return [config.PARAMS_FILE]
+    print(f"lesionflow: no {config.PARAMS_FILE} here: built-in defaults (`lesionflow params` "
+          "prints them)", file=sys.stderr)
+    return []
+
+
 def _load_params(args: argparse.Namespace) -> config.Params:
     overrides = list(args.set or [])
     if getattr(args, "source", None):
         overrides.append(f"ingest.source={args.source}")
-    params = config.load(args.params, overrides)
+    params = config.load(params_files(args.params), overrides)
     # Components run as subprocesses (or pods): pin the workdir to an absolute path once here.
     runtime = params.runtime.model_copy(update={"workdir": str(params.runtime.resolved_workdir())})
     return params.model_copy(update={"runtime": runtime})
@@ -54,6 +69,7 @@ def format_summary(summary: dict) -> str:
            f"v{c['champion_version']}; {c['excluded']['seen_by_champion']} left out: it trained or "
            f"selected on them)"] if (c := summary["compared"]) else []),
         f"  champion         v{summary['champion']}",
+        *[f"  recovered        {line}" for line in summary.get("recovered", [])],
         f"  MLflow           {summary['tracking_uri']}",
     ]
     return "\n".join(lines)
@@ -143,9 +159,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    params = _load_params(args)  # a params mistake is reported before the slow imports
     from lesionflow.steps.ingest import build_dataset
 
-    report = build_dataset(_load_params(args), Path(args.out))
+    report = build_dataset(params, Path(args.out))
     print(report.summary())
     return 0
 
@@ -235,10 +252,28 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lesionflow.serving import serve
 
+    # the options are overrides of the serve section, so they are validated like it (a JSON
+    # string is YAML too: "::" or "3" stay strings)
+    args.set = [*(args.set or []), *(f"serve.{key}={json.dumps(value)}" for key, value in
+                                     (("host", args.host), ("port", args.port), ("model", args.model))
+                                     if value is not None)]
     params = _registry_params(args)
     cfg = params.serve
-    serve(params.runtime.model_name, args.model or cfg.model, cfg, host=args.host or cfg.host,
-          port=cfg.port if args.port is None else args.port)
+    serve(params.runtime.model_name, cfg.model, cfg, host=cfg.host, port=cfg.port)
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    """The built-in defaults as commented YAML: ``params.yaml`` is generated with ``--write``."""
+    text = config.defaults_yaml()
+    if args.write is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.write).write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise config.ConfigError(f"cannot write {args.write}: {err.strerror}") from None
+    print(f"wrote the built-in defaults to {args.write}")
     return 0
 
 
@@ -250,14 +285,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0 (argparse reports anything else as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func, help: str, parent=sub) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help)
-        p.add_argument("--params", nargs="+", default=["params.yaml"], metavar="FILE",
-                       help="params files, deep-merged in order (default: params.yaml)")
+        p.add_argument("--params", nargs="+", metavar="FILE",
+                       help="params files, deep-merged in order over the built-in defaults "
+                       "(default: ./params.yaml if there is one, else the built-in defaults)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a params key, e.g. --set train.epochs=2 (repeatable)")
         p.set_defaults(func=func)
@@ -278,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="shortcut for --set ingest.source=…")
     p = add("retrain", cmd_retrain,
             "run the pipeline if enough reviewer corrections arrived since the last training attempt")
-    p.add_argument("--min-corrections", type=int, required=True, metavar="N")
+    p.add_argument("--min-corrections", type=_count, required=True, metavar="N")
     p.add_argument("--warm-start", action="store_true",
                    help="fine-tune from the champion's weights (train.init_from=champion)")
     p.add_argument("--host", help="KFP endpoint to submit to (default: run locally with kfp.local)")
@@ -311,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["coco", "voc", "json"])
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
 
+    p = sub.add_parser("params", help="print the built-in defaults as commented YAML (what "
+                       "params.yaml holds)")
+    p.add_argument("--write", metavar="FILE", help="write them to FILE instead, e.g. params.yaml")
+    p.set_defaults(func=cmd_params)
+
     p = sub.add_parser("weaken", help="turn a labelled dataset's train masks into area-ratio weak "
                        "labels (to measure weak supervision against full)")
     p.add_argument("--dataset", required=True, help="a canonical dataset (e.g. from lesionflow ingest)")
@@ -333,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "login name); a reviewer column in corrections.csv overrides it per row")
     p = add("status", cmd_corrections_status, "corrections since the last training attempt",
             parent=corrections)
-    p.add_argument("--min-corrections", type=int, default=1, metavar="N")
+    p.add_argument("--min-corrections", type=_count, default=1, metavar="N")
     return parser
 
 
@@ -344,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     except LesionflowError as err:
         print(f"lesionflow: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lesionflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug, not a user mistake: those are LesionflowErrors raised at their source
+        print("lesionflow: internal error, please report it with the traceback below",
+              file=sys.stderr)
+        traceback.print_exc()
+        return 3
 
 
 if __name__ == "__main__":

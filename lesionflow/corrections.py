@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from lesionflow import lease, lineage, registry, tracking
 from lesionflow.config import IngestConfig, MetadataColumns, Params, SplitFractions
+from lesionflow.data.deid import load_key
 from lesionflow.data.fingerprint import write_index
 from lesionflow.data.ingest import ingest
 from lesionflow.data.manifest import (
@@ -96,7 +97,8 @@ def add(params: Params, source: str, *, model_version: str | None = None,
         predicted_by = _column(root, "model_version")
         reviewed_by = _column(root, "reviewer")
         batch_dir = tmp / "batch"
-        ingest(_batch_config(params, root), batch_dir, seed=params.seed)
+        ingest(_batch_config(params, root), batch_dir, seed=params.seed,
+               key=load_key(params.runtime.resolved_workdir()))
         batch = read_manifest(batch_dir)
         _check_batch(batch, predicted_by, model_version)
         for version in sorted({predicted_by.get(r.id, model_version) for r in batch}):
@@ -118,7 +120,8 @@ def add(params: Params, source: str, *, model_version: str | None = None,
                 write_index(stage, records)
             version = version_dataset(merged, remote=params.runtime.remote(),
                                       endpoint_url=params.runtime.s3_endpoint_url,
-                                      workspace=params.runtime.resolved_workdir() / "dvc-workspace")
+                                      workspace=params.runtime.resolved_workdir() / "dvc-workspace",
+                                      retry_seconds=params.runtime.service_wait_seconds)
             reviewers = sorted({reviewed_by.get(r.id, reviewer) for r in batch})
             return _record_version(params, version.md5, merged, source, added=len(batch),
                                    reviewers=reviewers, held=held)
@@ -153,7 +156,8 @@ def resolve(params: Params) -> CorrectionsVersion | None:
 
 def restore(params: Params, md5: str, dest: Path) -> Path:
     return restore_dataset(md5, dest, remote=params.runtime.remote(),
-                           endpoint_url=params.runtime.s3_endpoint_url)
+                           endpoint_url=params.runtime.s3_endpoint_url,
+                           retry_seconds=params.runtime.service_wait_seconds)
 
 
 def count_new(params: Params, version: CorrectionsVersion, since_md5: str | None) -> int:
@@ -193,20 +197,34 @@ def _batch_config(params: Params, root: Path) -> IngestConfig:
         split=SplitFractions(train=1.0, val=0.0, test=0.0))
 
 
-def _csv_columns(root: Path) -> set[str]:
+def _csv_rows(root: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of the batch's ``corrections.csv`` (none if absent); a file that is not
+    UTF-8 CSV with an ``id`` column is a ``CorrectionError``."""
     if not (root / CSV).is_file():
-        return set()
-    with open(root / CSV, newline="") as f:
-        return set(csv.DictReader(f).fieldnames or [])
+        return [], []
+    try:
+        with open(root / CSV, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header, rows = list(reader.fieldnames or []), list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CorrectionError(f"{CSV} of the batch is not a UTF-8 CSV ({err}): save it as UTF-8 "
+                              "CSV with an id column") from None
+    if rows and "id" not in header:
+        raise CorrectionError(f"{CSV} of the batch has no id column (it has {header}): name the "
+                              "column of image ids id")
+    return header, rows
+
+
+def _csv_columns(root: Path) -> set[str]:
+    return set(_csv_rows(root)[0])
 
 
 def _column(root: Path, column: str) -> dict[str, str]:
     """id → the non-empty cells of ``column`` in ``corrections.csv`` (other rows use the default)."""
-    if column not in _csv_columns(root):
+    header, rows = _csv_rows(root)
+    if column not in header:
         return {}
-    with open(root / CSV, newline="") as f:
-        return {row["id"]: row[column].strip() for row in csv.DictReader(f)
-                if (row.get(column) or "").strip()}
+    return {row["id"]: row[column].strip() for row in rows if (row.get(column) or "").strip()}
 
 
 def _check_batch(batch: list[Record], predicted_by: dict[str, str], default: str | None) -> None:
@@ -244,7 +262,7 @@ def _record_version(params: Params, md5: str, dataset: Path, source: str, *, add
     and only while the lease is still ours: had it been lost, another add may already have built
     on the previous version without this batch."""
     client = MlflowClient()
-    experiment_id = tracking.ensure_experiment(params, experiment_name(params))
+    experiment_id = tracking.experiment_id(experiment_name(params))
     n = len(read_manifest(dataset))
     run = client.create_run(experiment_id, run_name=f"corrections {md5[:8]} (+{added})",
                             tags={TAG_CORRECTIONS_MD5: md5, TAG_N_CORRECTIONS: str(n), TAG_SOURCE: source,

@@ -104,3 +104,51 @@ class LeaseHeldError(LesionflowError):
 class LeaseLostError(LesionflowError):
     """A lease this process held was released, or expired and was taken over by another holder:
     work done under it must not be committed."""
+
+
+class ServiceUnavailableError(LesionflowError):
+    """An outside service (the MLflow tracking server, the S3 store or DVC remote) did not answer
+    within the retry budget; the message names the service, its address and what to do."""
+
+
+class TrackingUnavailableError(ServiceUnavailableError):
+    """The MLflow tracking server is unreachable or answers with server errors."""
+
+
+class RemoteUnavailableError(ServiceUnavailableError, DatasetVersionError):
+    """The DVC remote (a folder or S3) cannot be reached; pushes are idempotent, so a rerun after
+    the service returns completes."""
+
+
+class TrackingNotConnectedError(LesionflowError):
+    """MLflow was used before ``tracking.connect``: it would have written ``./mlflow.db`` in
+    whatever folder the process runs in."""
+
+
+class ReloadError(LesionflowError):
+    """The server could not resolve, load or warm up the version its alias names now (the message
+    names the cause); it keeps serving the version it had."""
+
+
+class PseudonymKeyError(ConfigError):
+    """The pseudonym key is missing or too weak: on a cluster it must come from the credentials
+    Secret (``LESIONFLOW_PSEUDONYM_KEY``), since pods share no workdir to keep a local key in."""
+
+
+class BurnedInAnnotationError(IngestError):
+    """A DICOM file says ``BurnedInAnnotation: YES``: patient text in the pixels survives any header
+    clean-up, so the image is refused."""
+
+
+class DatasetError(LesionflowError):
+    """A folder given as a canonical dataset is not one: no ``manifest.jsonl`` (not written by
+    ``lesionflow ingest``) or a manifest line that does not parse."""
+
+
+class EmptySplitError(LesionflowError):
+    """A step needs labelled records of a split (train, val for model selection, test for the
+    evaluation) and the dataset has none; the message names the ``ingest.split`` fraction to give."""
+
+
+class SubmitError(LesionflowError):
+    """The KFP endpoint answered but refused a submission (unknown experiment, no access, ...)."""

@@ -312,7 +312,10 @@ def export(items: list[Item], fmt: Format, out_dir: Path) -> ExportReport:
     if fmt not in WRITERS:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
-    check_fresh(out_dir)
+    try:
+        check_fresh(out_dir)
+    except FileExistsError as err:
+        raise ExportError(f"{err}: name a new --out folder") from None
     write, read = WRITERS[fmt]
     n_objects = write(items, out_dir)
     _verify(items, read(out_dir), fmt)

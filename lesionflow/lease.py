@@ -12,7 +12,9 @@ registered model ``M.lease.R``:
 - A heartbeat is ``update_model_version``: the server stamps ``last_updated_timestamp`` with its
   own clock and returns it, which tells the caller the server's time, so freshness is always
   judged on the server's clock, never by comparing two machines' clocks.
-- A waiter may revoke (a tag) a ticket whose heartbeat is older than its ttl. Released and revoked
+- A waiter may revoke (a tag) a ticket whose heartbeat is older than its ttl, or at once a ticket
+  whose holder is known dead: its owner process (a ``lesionflow run`` driver, a ``corrections
+  add``) and the last process that took it up both ran on this host and are gone (SIGKILL, OOM). Released and revoked
   tickets stay dead: no tag is ever removed and no version deleted, so a number is never reused
   (no ABA). The waiter re-reads the revoked ticket *after* tagging it and still waits until that
   heartbeat + ttl, in case a renewal landed just before the tag.
@@ -39,6 +41,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import psutil
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -50,13 +53,36 @@ _TAG = "lesionflow.lease."
 TAG_HOLDER = _TAG + "holder"
 TAG_HOLDER_ID = _TAG + "holder_id"  # a hash: filter strings cannot quote arbitrary holder text
 TAG_TTL_MS = _TAG + "ttl_ms"
-TAG_PROCESS = _TAG + "process"
+TAG_PROCESS = _TAG + "process"  # the last process that took the ticket up (see process_identity)
+TAG_OWNER = _TAG + "owner"  # the process whose death ends the holder, if one outlives its steps
 TAG_HELD_SINCE = _TAG + "held_since"
 TAG_RELEASED = _TAG + "released"
 TAG_REVOKED_BY = _TAG + "revoked_by"
 TAG_FLOOR = _TAG + "floor"  # on the registered model: every ticket below it is dead (saves reads)
 SOURCE = "lesionflow-lease:/"  # not a local path, so an HTTP server accepts it without a run
 HEARTBEAT = "lesionflow lease ticket: the server's last_updated_timestamp is its heartbeat"
+OWNER_ENV = "LESIONFLOW_LEASE_OWNER"  # set by `lesionflow run` for the steps it starts
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``host pid N started T``: the start time tells a live process from a later one that reused
+    its pid."""
+    process = psutil.Process(pid)
+    return f"{socket.gethostname()} pid {process.pid} started {process.create_time():.3f}"
+
+
+def _dead(identity: str | None) -> bool:
+    """True only when ``identity`` names a process of this host that no longer runs; a process
+    on another host (or an identity without a start time) cannot be checked, so it is not dead."""
+    parts = (identity or "").split()
+    if len(parts) != 5 or parts[0] != socket.gethostname() or parts[1] != "pid":
+        return False
+    try:
+        process = psutil.Process(int(parts[2]))
+        return (abs(process.create_time() - float(parts[4])) > 0.01
+                or process.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
 
 
 def model_name(name: str, resource: str) -> str:
@@ -101,6 +127,11 @@ class _Ticket:
     def revoked_by(self) -> str | None:
         return self.tags.get(TAG_REVOKED_BY)
 
+    @property
+    def holder_dead(self) -> bool:
+        """Its owner process and the last process that took it up are both gone from this host."""
+        return TAG_OWNER in self.tags and _dead(self.tags[TAG_OWNER]) and _dead(self.tags.get(TAG_PROCESS))
+
     def info(self, name: str, resource: str) -> LeaseInfo:
         since = int(self.tags.get(TAG_HELD_SINCE, self.created))
         return LeaseInfo(name, resource, self.holder, self.number, _time(since), _time(self.expires))
@@ -116,6 +147,7 @@ class Lease:
         self._valid_until = valid_until  # time.monotonic() scale
         self._lock = threading.Lock()  # the heartbeat thread and the caller share the lease
         self._lost: LeaseLostError | None = None
+        self.took_over: list[str] = []  # holders whose dead or expired tickets this acquire revoked
 
     def renew(self) -> None:
         """Extend the lease to ttl from now. LeaseLostError if it was released or taken over.
@@ -159,20 +191,22 @@ class Lease:
         raise self._lost
 
 
-def acquire(name: str, resource: str, holder: str, *, ttl: float, wait: float = 0) -> Lease:
+def acquire(name: str, resource: str, holder: str, *, ttl: float, wait: float = 0,
+            owner: str | None = None) -> Lease:
     """Take the lease of ``resource`` of model ``name`` for ``holder``, waiting up to ``wait``
     seconds for the current holder (LeaseHeldError after that). ``ttl``: seconds the lease lasts
     without renewal (a crashed holder blocks others that long).
 
     Re-entrant: a holder with a live ticket (e.g. taken by an earlier pipeline step, in another
     process, with ``held(..., release=False)``) gets that ticket back. LeaseLostError if the
-    holder's newest ticket was taken over since: what it did under the lease may be stale."""
+    holder's newest ticket was taken over since: what it did under the lease may be stale.
+    ``owner`` (default: ``$LESIONFLOW_LEASE_OWNER``) is the process whose death ends the holder."""
     if ttl <= 0 or wait < 0:
         raise ValueError(f"lease ttl must be > 0 and wait >= 0 (got ttl={ttl}, wait={wait})")
     client = MlflowClient()
     model = model_name(name, resource)
     floor = _ensure_model(client, model)
-    number, created = _own_ticket(client, name, resource, holder, ttl)
+    number, created = _own_ticket(client, name, resource, holder, ttl, owner or os.environ.get(OWNER_ENV))
     try:
         return _wait_for_turn(client, name, resource, holder, number, floor, ttl, wait)
     except BaseException:  # LeaseHeldError, Ctrl-C while waiting, a server error
@@ -186,19 +220,22 @@ def _wait_for_turn(client: MlflowClient, name: str, resource: str, holder: str, 
                    floor: int, ttl: float, wait: float) -> Lease:
     model = model_name(name, resource)
     deadline = time.monotonic() + wait
+    took_over: list[str] = []
     while True:
         sent = time.monotonic()
         mine = _ticket(client.update_model_version(model, str(number), HEARTBEAT))
         if mine.revoked_by or mine.released:  # only if this process stalled > ttl while waiting
             raise LeaseLostError(f"the {resource!r} lease of {name}: ticket {number} of {holder} was "
                                  "given up or revoked while it waited; try again")
-        blocking = _blocking(client, model, floor, mine)
+        blocking = _blocking(client, model, floor, mine, took_over)
         if not blocking:
             if TAG_HELD_SINCE not in mine.tags:
                 _set_tag(client, model, number, TAG_HELD_SINCE, str(mine.heartbeat))
             if number > floor:  # all lower tickets are dead for good: later readers skip them
                 client.set_registered_model_tag(model, TAG_FLOOR, str(number))
-            return Lease(client, name, resource, holder, number, ttl, valid_until=sent + ttl)
+            lease = Lease(client, name, resource, holder, number, ttl, valid_until=sent + ttl)
+            lease.took_over = took_over
+            return lease
         if time.monotonic() >= deadline:
             raise LeaseHeldError(
                 f"the {resource!r} lease of {name} is held by {blocking[0].info(name, resource)}"
@@ -209,11 +246,11 @@ def _wait_for_turn(client: MlflowClient, name: str, resource: str, holder: str, 
 
 @contextmanager
 def held(name: str, resource: str, holder: str, *, ttl: float, wait: float = 0,
-         release: bool = True) -> Iterator[Lease]:
+         release: bool = True, owner: str | None = None) -> Iterator[Lease]:
     """Hold the lease for the block: a daemon thread renews it every ttl/3. On leaving the block
     the lease is checked (LeaseLostError if it was lost meanwhile) and released, unless
     ``release=False`` leaves it to a later step that re-acquires with the same holder."""
-    lease = acquire(name, resource, holder, ttl=ttl, wait=wait)
+    lease = acquire(name, resource, holder, ttl=ttl, wait=wait, owner=owner)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lease, stop), daemon=True,
                             name=f"lease-{name}-{resource}")
@@ -229,8 +266,11 @@ def held(name: str, resource: str, holder: str, *, ttl: float, wait: float = 0,
             if completed:
                 lease.check()
         finally:
-            if release:
+            if release and completed:
                 lease.release()
+            elif release:
+                with suppress(Exception):  # keep the block's own error (the server may be down)
+                    lease.release()
 
 
 def current(name: str, resource: str) -> LeaseInfo | None:
@@ -243,7 +283,7 @@ def current(name: str, resource: str) -> LeaseInfo | None:
         return None
     now = int(time.time() * 1000)
     for ticket in _tickets(client, model, f"version_number >= {floor}"):
-        if not ticket.released and now <= ticket.expires:
+        if not ticket.released and not ticket.holder_dead and now <= ticket.expires:
             return ticket.info(name, resource)
     return None
 
@@ -284,13 +324,15 @@ def _ensure_model(client: MlflowClient, model: str) -> int:
     return 1
 
 
-def _own_ticket(client: MlflowClient, name: str, resource: str, holder: str, ttl: float
-                ) -> tuple[int, bool]:
-    """The holder's live ticket (re-entrancy), else a new one; and whether it is new."""
+def _own_ticket(client: MlflowClient, name: str, resource: str, holder: str, ttl: float,
+                owner: str | None) -> tuple[int, bool]:
+    """The holder's live ticket (re-entrancy, now taken up by this process), else a new one; and
+    whether it is new."""
     model = model_name(name, resource)
     ours = _tickets(client, model, f"tags.`{TAG_HOLDER_ID}` = '{_holder_id(holder)}'")
     live = [t for t in ours if not t.released and not t.revoked_by]
     if live:
+        _set_tag(client, model, live[0].number, TAG_PROCESS, process_identity())
         return live[0].number, False
     if ours and ours[-1].revoked_by:
         raise LeaseLostError(
@@ -300,12 +342,14 @@ def _own_ticket(client: MlflowClient, name: str, resource: str, holder: str, ttl
     version = client.create_model_version(
         model, SOURCE + model, description=HEARTBEAT, await_creation_for=0,
         tags={TAG_HOLDER: holder, TAG_HOLDER_ID: _holder_id(holder), TAG_TTL_MS: str(round(ttl * 1000)),
-              TAG_PROCESS: f"{socket.gethostname()} pid {os.getpid()}"})
+              TAG_PROCESS: process_identity(), **({TAG_OWNER: owner} if owner else {})})
     return int(version.version), True
 
 
-def _blocking(client: MlflowClient, model: str, floor: int, mine: _Ticket) -> list[_Ticket]:
-    """Lower tickets whose holder holds or may still hold the lease; revokes expired ones.
+def _blocking(client: MlflowClient, model: str, floor: int, mine: _Ticket, took_over: list[str]
+              ) -> list[_Ticket]:
+    """Lower tickets whose holder holds or may still hold the lease; revokes expired ones and
+    those of dead holders (noted in ``took_over``).
 
     ``mine.heartbeat`` is the server's time just before this read. Tickets of the same holder
     never block each other (re-entrancy)."""
@@ -313,12 +357,18 @@ def _blocking(client: MlflowClient, model: str, floor: int, mine: _Ticket) -> li
     for ticket in _tickets(client, model, f"version_number >= {floor} and version_number < {mine.number}"):
         if ticket.released or ticket.holder_id == mine.holder_id:
             continue
+        if ticket.holder_dead and not ticket.revoked_by:
+            _set_tag(client, model, ticket.number, TAG_REVOKED_BY, str(mine.number))
+            took_over.append(ticket.holder)
+            continue  # nobody is left to renew it
         if now > ticket.expires and not ticket.revoked_by:
             _set_tag(client, model, ticket.number, TAG_REVOKED_BY, str(mine.number))
             # a renewal that landed before the tag extends the old holder's validity: re-read it
             ticket = _ticket(client.get_model_version(model, str(ticket.number)))
         if now <= ticket.expires:  # fresh, or revoked while its holder may still be at work
             blocking.append(ticket)
+        elif ticket.revoked_by == str(mine.number) and ticket.holder not in took_over:
+            took_over.append(ticket.holder)
     return blocking
 
 

@@ -51,6 +51,10 @@ TAG_GATE_REASON = _PREFIX + "gate_reason"
 TAG_GATE_N = _PREFIX + "gate_n"  # test records both models were compared on
 TAG_GATE_RECORD_SET = _PREFIX + "gate_record_set"  # hash of those records (ids + content)
 TAG_COMPARED_WITH = _PREFIX + "compared_with_champion"
+# on versions: pending from creation until every alias move of the register step is done;
+# interrupted when a later register found it pending with no gate decision applied (run killed)
+TAG_REGISTRATION = _PREFIX + "registration"
+REGISTRATION_PENDING, REGISTRATION_COMPLETE, REGISTRATION_INTERRUPTED = "pending", "complete", "interrupted"
 TAG_REPRODUCES = _PREFIX + "reproduces"  # a `lesionflow reproduce` run: the version it rebuilds
 # on corrections versions (runs of <model>-corrections)
 TAG_N_CORRECTIONS = _PREFIX + "n_corrections"

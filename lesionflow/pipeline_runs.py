@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from lesionflow import lease
+from lesionflow import errors, lease
 from lesionflow.config import Params
-from lesionflow.errors import ConfigError, LeaseHeldError
+from lesionflow.errors import (
+    ConfigError,
+    LeaseHeldError,
+    LesionflowError,
+    ServiceUnavailableError,
+    SubmitError,
+)
 
 
 def run_local(params: Params) -> dict:
@@ -18,11 +27,12 @@ def run_local(params: Params) -> dict:
 
     Another run holding the model's pipeline lease stops this one before it starts, or — if both
     started at once — in its first step; either way with a ``LeaseHeldError`` naming the holder
-    rather than kfp's bare "task failed"."""
+    rather than kfp's bare "task failed". Any other named error of a step (bad data, an
+    unreachable remote, ...) is raised here as that same error class, naming the step."""
     from kfp import local
 
     from lesionflow import tracking
-    from lesionflow.steps.entrypoints import PIPELINE_LEASE
+    from lesionflow.steps.entrypoints import ERROR_REPORT_ENV, PIPELINE_LEASE
     from pipelines.lesionflow_pipeline import lesionflow_pipeline
 
     workdir = params.runtime.resolved_workdir()
@@ -33,13 +43,53 @@ def run_local(params: Params) -> dict:
     warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
                raise_on_error=True)
-    try:
-        task = lesionflow_pipeline(params_json=params.model_dump_json())
-    except RuntimeError:
-        # a failed step releases this run's lease, so a holder now is another run
-        _refuse_if_leased(params, PIPELINE_LEASE)
-        raise
+    fd, report = tempfile.mkstemp(prefix=".step-error-", suffix=".json", dir=workdir)
+    os.close(fd)
+    # The steps' subprocesses inherit both: where to report a named error, and this process as
+    # the owner of their lease (killed, its lease is taken over at once instead of expiring).
+    with _environment({ERROR_REPORT_ENV: report, lease.OWNER_ENV: lease.process_identity()}):
+        try:
+            task = lesionflow_pipeline(params_json=params.model_dump_json())
+        except RuntimeError:
+            failure = step_failure(Path(report))
+            if not isinstance(failure, ServiceUnavailableError):  # else the server can't answer
+                # a failed step releases this run's lease, so a holder now is another run
+                _refuse_if_leased(params, PIPELINE_LEASE)
+            if failure is not None:
+                raise failure from None
+            raise
+        finally:
+            Path(report).unlink(missing_ok=True)
     return json.loads(task.output)
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def step_failure(report: Path) -> LesionflowError | None:
+    """The named error a failed step wrote to ``report`` (see ``entrypoints.reported``), as the
+    same class; None if the step wrote none (a bug: kfp's error and the step's log say more)."""
+    try:
+        failure = json.loads(report.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    if not failure:
+        return None
+    cls = getattr(errors, failure["type"], None)
+    if not (isinstance(cls, type) and issubclass(cls, LesionflowError)):
+        cls = LesionflowError
+    return cls(f"{failure['message']}\n(in pipeline step {failure['step']}; its log is above)")
 
 
 def _refuse_if_leased(params: Params, resource: str) -> None:
@@ -58,8 +108,8 @@ def submit(params: Params, *, host: str, experiment: str, run_name: str | None =
     Pods have no shared disk with this machine, so the embedded local defaults make no sense on
     a cluster: the tracking server and DVC remote must be named explicitly."""
     import kfp
-
-    from pipelines.lesionflow_pipeline import compile_pipeline
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
 
     runtime = params.runtime
     if runtime.mlflow_tracking_uri is None or runtime.mlflow_tracking_uri.startswith("sqlite"):
@@ -67,8 +117,21 @@ def submit(params: Params, *, host: str, experiment: str, run_name: str | None =
     if runtime.dvc_remote is None or not runtime.dvc_remote.startswith("s3://"):
         raise ConfigError("runtime.dvc_remote must be an s3:// remote for cluster runs")
     cron = kfp_cron(schedule) if schedule else None
+    try:
+        return _send(kfp.Client(host=host), params, cron, experiment, run_name)
+    except urllib3.exceptions.HTTPError as err:
+        raise ServiceUnavailableError(
+            f"the KFP endpoint {host} did not answer ({err}); check --host (the KFP API's URL, "
+            "e.g. https://kfp.example.org) and that Kubeflow Pipelines is up") from None
+    except ApiException as err:
+        raise SubmitError(f"the KFP endpoint {host} refused the request: {err.status} {err.reason}; "
+                          "check --host, --experiment and your access to it") from None
+
+
+def _send(client, params: Params, cron: str | None, experiment: str, run_name: str | None) -> str:
+    from pipelines.lesionflow_pipeline import compile_pipeline
+
     arguments = {"params_json": params.model_dump_json()}
-    client = kfp.Client(host=host)
     with tempfile.TemporaryDirectory(prefix="lesionflow-compile-") as tmp:
         package = str(compile_pipeline(Path(tmp) / "pipeline.yaml", cluster=params.cluster))
         if cron is None:

@@ -28,15 +28,20 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info
 
+from lesionflow import tracking
 from lesionflow.errors import RegistryError
 from lesionflow.lineage import (
     KEYS,
     METRIC_TAG_PREFIX,
     NONE,
+    REGISTRATION_COMPLETE,
+    REGISTRATION_INTERRUPTED,
+    REGISTRATION_PENDING,
     REQUIRED,
     TAG_GIT_COMMIT,
     TAG_GIT_DIRTY,
     TAG_PARENT_VERSION,
+    TAG_REGISTRATION,
     code_version,
     package_dir,
 )
@@ -105,7 +110,7 @@ def _alias_version(name: str, alias: str) -> str | None:
 def register_model(
     model: Segmenter | LesionTypeRouter, *, name: str, lineage: dict[str, str],
     metrics: dict[str, float], threshold: float = DEFAULT_THRESHOLD,
-    artifacts: dict[str, object] | None = None,
+    artifacts: dict[str, object] | None = None, decision_tags: dict[str, str] | None = None,
 ) -> str:
     """Log ``model`` in the active run as a pyfunc and register it as a new version of ``name``.
 
@@ -117,7 +122,9 @@ def register_model(
     code version (commit + dirty flag) and the parent version (the champion right now, or "none")
     are filled in when absent. ``artifacts`` (path → JSON-able content, e.g. the resolved params)
     are logged on the run first: a version is only created, with all its tags in the same call,
-    once everything it refers to is stored. Returns the new version number as a string.
+    once everything it refers to is stored. ``decision_tags`` (the gate's) go on with them, so a
+    killed process never leaves a version without its lineage or its gate record. Returns the new
+    version number as a string.
     """
     run = mlflow.active_run()
     if run is None:
@@ -136,6 +143,7 @@ def register_model(
         TAG_PARENT_VERSION: champion_version(name) or NONE,
         **{k: str(v) for k, v in lineage.items()},
         **{METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in metrics.items()},
+        **(decision_tags or {}),
     }
     for path, content in (artifacts or {}).items():
         mlflow.log_text(json.dumps(content, indent=1, sort_keys=True), path)
@@ -145,7 +153,7 @@ def register_model(
             name="model", python_model=SegmentationModel(), artifacts={WEIGHTS: str(Path(tmp) / WEIGHTS)},
             model_config={"threshold": float(threshold)}, pip_requirements=_pip_requirements(),
         )
-    mlflow.set_tags(tags)
+    mlflow.set_tags({k: v for k, v in tags.items() if k != TAG_REGISTRATION})  # a run never changes state
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
     return str(mv.version)
 
@@ -257,11 +265,9 @@ def _who() -> str:
 
 def _record(move: AliasMove, gate_record: dict | None = None) -> None:
     client = _client()
-    exp_name = _history_experiment(move.model)
-    exp = client.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        exp_name, tags={"mlflow.note.content": f"Append-only log of alias moves on model {move.model}."}
-    )
+    exp_id = tracking.experiment_id(
+        _history_experiment(move.model),
+        tags={"mlflow.note.content": f"Append-only log of alias moves on model {move.model}."})
     tags = {f: (getattr(move, f) or NONE) for f in _MOVE_FIELDS}
     tags["mlflow.user"] = move.who
     label = (f"refuse v{move.candidate}: {move.alias} stays v{move.to_version}" if move.action == "refuse"
@@ -322,6 +328,47 @@ def record_refusal(name: str, candidate: str, *, why: str, gate_record: dict) ->
                      action="refuse", candidate=str(candidate))
     _record(move, gate_record)
     return move
+
+
+def finish_registration(name: str, version: str) -> None:
+    """Mark ``version``'s registration complete: its alias moves (and their history) are done."""
+    _client().set_model_version_tag(name, str(version), TAG_REGISTRATION, REGISTRATION_COMPLETE)
+
+
+def recover(name: str) -> list[str]:
+    """Repair what a register step killed part-way left behind; returns what was done, for the
+    log. Run it under the model's pipeline lease, before registering anew.
+
+    The alias history is written before each alias move, so it works as a write-ahead log: a move
+    logged but not applied (the alias still at the move's ``from_version``) is applied now. A
+    version still ``pending`` whose gate decision reached the history is marked complete; one whose
+    decision never did is not promoted, and its refusal is written to the history as
+    ``interrupted``, so reviewers see every registered version accounted for."""
+    done = []
+    for alias in (CHAMPION, "challenger"):
+        moves = [m for m in history(name, alias) if m.action != "refuse"]
+        current = _alias_version(name, alias)
+        if moves and current != moves[-1].to_version and current == moves[-1].from_version:
+            _client().set_registered_model_alias(name, alias, moves[-1].to_version)
+            done.append(f"completed the interrupted {moves[-1].action} of {alias} "
+                        f"{current or NONE} -> v{moves[-1].to_version}")
+    pending = _client().search_model_versions(
+        f"name = '{name}' and tags.`{TAG_REGISTRATION}` = '{REGISTRATION_PENDING}'")
+    decided = {m.candidate if m.action == "refuse" else m.to_version
+               for m in history(name, CHAMPION) if m.action in ("promote", "refuse")}
+    for mv in sorted(pending, key=lambda v: int(v.version)):
+        version = str(mv.version)
+        if version in decided:
+            finish_registration(name, version)
+            done.append(f"v{version}: its gate decision was recorded; marked registered")
+            continue
+        record_refusal(name, version, why="registration interrupted before the gate decision was "
+                       "applied (the run was killed); not promoted — a new run registers a new version",
+                       gate_record={"decision": "interrupted", "version": version})
+        _client().set_model_version_tag(name, version, TAG_REGISTRATION, REGISTRATION_INTERRUPTED)
+        done.append(f"v{version}: registration was interrupted before its gate decision; recorded "
+                    "as not promoted")
+    return done
 
 
 def _champion_stack(name: str) -> list[str]:

@@ -104,9 +104,10 @@ def reproduce(here: Params, version: str) -> Reproduction:
     with tempfile.TemporaryDirectory(prefix="lesionflow-reproduce-") as tmp:
         tmp = Path(tmp)
         train_dir, eval_dir = (restore_dataset(md5, tmp / role.split()[0], remote=runtime.remote(),
-                                               endpoint_url=runtime.s3_endpoint_url)
+                                               endpoint_url=runtime.s3_endpoint_url,
+                                               retry_seconds=runtime.service_wait_seconds)
                                for role, md5 in datasets.items())
-        experiment = tracking.ensure_experiment(params, f"{name}-reproduce")
+        experiment = tracking.experiment_id(f"{name}-reproduce")
         with mlflow.start_run(experiment_id=experiment, run_name=f"reproduce v{version}",
                               tags={TAG_REPRODUCES: version}):
             meta_train_step.run(params, train_dir, tmp / "model")

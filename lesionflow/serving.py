@@ -15,31 +15,53 @@ cannot re-resolve the alias without a restart. Here the same pyfunc does the wor
 ``GET /health``    what is served (name, version, alias, lesion types, threshold, limits).
 ``GET /ping``      200 once a model is loaded.
 ``POST /reload``   re-resolve the alias and load what it points at now (after a promotion or a
-                   ``lesionflow rollback``); requests in flight finish on the model they started on.
+                   ``lesionflow rollback``); needs ``Authorization: Bearer <LESIONFLOW_RELOAD_TOKEN>``.
                    Without it, the server checks the alias every ``serve.follow_seconds`` anyway.
+
+Under load: at most ``serve.inference_workers`` requests are segmented at once and at most
+``serve.max_queue`` more wait for a worker; a request past that gets 503 with ``Retry-After`` at
+once, so latency stays bounded by the queue instead of growing with the offered load.
+
+Reloads: the new version is loaded and warmed up (one segmentation per lesion type) while the old
+one keeps answering, then one reference is swapped. Every request runs on the model that was
+current when it arrived, so a reload fails no request; a version that does not load or does not
+answer its warm-up is refused and the old one keeps serving.
 
 Bad requests: 400 unreadable image / malformed JSON / bad ``mask_format``; 413 body larger than
 ``serve.max_upload_bytes``; 415 unsupported ``Content-Type``; 422 image sides outside
 ``[serve.min_side, serve.max_side]``, or a lesion type the model has no model for (a per-type
-model also needs one). Every error body is ``{"detail": "<what was wrong and what is accepted>"}``.
+model also needs one); 503 busy (above). ``/reload``: 401 without the right token; 403 when the
+server has no token (``LESIONFLOW_RELOAD_TOKEN`` unset), also on loopback: a sidecar proxy or
+another local user reaches 127.0.0.1 too; 409 when the alias names no version; 503 when the new
+version cannot be loaded. Every error body is ``{"detail": "<what was wrong and what to do>"}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hmac
 import json
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
 from lesionflow import registry
 from lesionflow.config import ServeConfig
-from lesionflow.errors import ImageSizeError, InvalidImageError, RegistryError
+from lesionflow.errors import (
+    ImageSizeError,
+    InvalidImageError,
+    RegistryError,
+    ReloadError,
+)
 from lesionflow.models.pyfunc import (
     SegmentationModel,
     decode_image,
@@ -50,6 +72,8 @@ from lesionflow.models.router import UnknownLesionTypeError
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/octet-stream")
 MASK_FORMATS = ("png", "rle")
+RELOAD_TOKEN_ENV = "LESIONFLOW_RELOAD_TOKEN"
+WARM_UP_IMAGE = np.zeros((64, 64, 3), np.uint8)
 
 
 @dataclass(frozen=True)
@@ -59,22 +83,45 @@ class Served:
     version: str
 
 
+def warm_up(model: SegmentationModel) -> None:
+    """One segmentation per lesion type: the first request after a swap pays no one-off start-up
+    cost, and a version that loads but cannot answer is refused before it serves anyone."""
+    for lesion_type in model.lesion_types or [None]:
+        model.segment(WARM_UP_IMAGE, lesion_type)
+
+
 class ModelSlot:
-    """The version being served; ``reload`` swaps it in one assignment, so a request reads either
-    the old or the new model, never a mix."""
+    """The version being served. Requests read ``current`` without a lock; ``reload`` loads and
+    warms the new version while the old one answers, then swaps that one reference."""
 
     def __init__(self, name: str, ref: str):
         self.name, self.ref = name, ref
-        self._lock = threading.Lock()
-        self.current = self._load()
+        # One reload at a time: two concurrent loads would hold three models in memory, and the
+        # slower one could swap in an older resolution of the alias last.
+        self._reloading = threading.Lock()
+        self.current = self._load(registry.resolve(name, ref))
 
-    def _load(self) -> Served:
-        version = registry.resolve(self.name, self.ref)
-        return Served(registry.load_pyfunc(self.name, version), self.name, version)
+    def _load(self, version: str) -> Served:
+        model = registry.load_pyfunc(self.name, version)
+        warm_up(model)
+        return Served(model, self.name, version)
 
     def reload(self) -> tuple[Served, Served]:
-        with self._lock:
-            before, self.current = self.current, self._load()
+        """(before, after); the same twice when the ref still names the served version. Raises
+        ``RegistryError`` when the ref names no version and ``ReloadError`` when the new version
+        cannot be resolved, loaded or warmed up; either way the old version keeps serving."""
+        with self._reloading:
+            before = self.current
+            try:
+                version = registry.resolve(self.name, self.ref)
+                if version == before.version:
+                    return before, before
+                self.current = self._load(version)
+            except RegistryError:
+                raise
+            except Exception as err:  # tracking server, artifact store, torch: keep serving
+                raise ReloadError(f"could not load what {self.name}@{self.ref} names now "
+                                  f"({type(err).__name__}: {err})") from err
             return before, self.current
 
 
@@ -83,8 +130,8 @@ def follow(slot: ModelSlot, every: float, stop: threading.Event) -> None:
     ``every`` seconds, with no restart and no one calling /reload."""
     while not stop.wait(every):
         try:
-            if registry.resolve(slot.name, slot.ref) != slot.current.version:
-                before, after = slot.reload()
+            before, after = slot.reload()
+            if after is not before:
                 print(f"{slot.name}@{slot.ref} moved: now serving v{after.version} "
                       f"(was v{before.version})", flush=True)
         except Exception as err:  # e.g. the tracking server is restarting: keep serving, retry
@@ -92,8 +139,44 @@ def follow(slot: ModelSlot, every: float, stop: threading.Event) -> None:
                   f"v{slot.current.version}", flush=True)
 
 
-def _error(status: int, detail: str) -> HTTPException:
-    return HTTPException(status_code=status, detail=detail)
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
+    return HTTPException(status_code=status, detail=detail, headers=headers)
+
+
+class Admission:
+    """Requests in the server's hands (reading their body, waiting for or on a worker), at most
+    ``limit``; ``with admission:`` around one. Only the event loop's thread counts, so a plain
+    integer is exact."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.limit = cfg.inference_workers + cfg.max_queue
+        self.in_flight = 0
+        self._busy = (f"server busy: {self.limit} requests in progress (serve.inference_workers "
+                      f"{cfg.inference_workers} + serve.max_queue {cfg.max_queue}); retry after "
+                      f"{cfg.retry_after_seconds} s, or add replicas")
+        self._retry_after = {"Retry-After": str(cfg.retry_after_seconds)}
+
+    def __enter__(self) -> None:
+        """Admit a request or refuse it with 503 at once: it never waits behind a full queue."""
+        if self.in_flight >= self.limit:
+            raise _error(503, self._busy, self._retry_after)
+        self.in_flight += 1
+
+    def __exit__(self, *exc) -> None:
+        self.in_flight -= 1
+
+
+def _authorize_reload(request: Request, token: str | None) -> None:
+    if not token:
+        raise _error(403, f"POST /reload is disabled: the server has no reload token. Set "
+                          f"{RELOAD_TOKEN_ENV} in its environment (the Helm chart takes it from "
+                          "its Secret) and send 'Authorization: Bearer <token>'; meanwhile the "
+                          "alias is re-checked every serve.follow_seconds")
+    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    # bytes: compare_digest refuses non-ASCII str, which would make a bad header a 500
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), token.encode()):
+        raise _error(401, f"POST /reload needs 'Authorization: Bearer <token>' with the server's "
+                          f"{RELOAD_TOKEN_ENV}", {"WWW-Authenticate": "Bearer"})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -135,9 +218,36 @@ def _parse(content_type: str, body: bytes, query: dict) -> tuple[bytes, str | No
     return image, options.get("lesion_type") or None, mask_format
 
 
-def create_app(name: str, ref: str, cfg: ServeConfig) -> FastAPI:
-    """The app serving version or alias ``ref`` of registered model ``name``."""
+def _answer(served: Served, cfg: ServeConfig, content_type: str, body: bytes, query: dict) -> dict:
+    """Parse, decode, segment, encode: all the CPU work of one request, done on an inference
+    worker so the event loop stays free to admit, refuse and answer health probes."""
+    data, lesion_type, mask_format = _parse(content_type, body, query)
+    if lesion_type is None and served.model.lesion_types is not None:
+        raise _error(422, f"{served.name} v{served.version} has one model per lesion type: send "
+                          f"lesion_type, one of {served.model.lesion_types}")
+    try:
+        image = decode_image(data, min_side=cfg.min_side, max_side=cfg.max_side)
+        pred = served.model.segment(image, lesion_type)
+    except InvalidImageError as err:
+        raise _error(400, str(err)) from None
+    except (ImageSizeError, UnknownLesionTypeError) as err:
+        raise _error(422, str(err)) from None
+    if mask_format == "png":
+        mask = {"format": "png", "data": base64.b64encode(encode_png(pred.mask)).decode("ascii")}
+    else:
+        mask = {"format": "rle", **encode_rle(pred.mask)}
+    return {"model": served.name, "version": served.version, "lesion_type": lesion_type,
+            "height": int(pred.mask.shape[0]), "width": int(pred.mask.shape[1]),
+            "threshold": served.model.threshold, "confidence": pred.confidence,
+            "lesion_fraction": float(pred.mask.mean()), "mask": mask}
+
+
+def create_app(name: str, ref: str, cfg: ServeConfig, reload_token: str | None = None) -> FastAPI:
+    """The app serving version or alias ``ref`` of registered model ``name``; ``POST /reload``
+    accepts ``reload_token`` as bearer token and is disabled without one."""
     slot = ModelSlot(name, ref)
+    admission = Admission(cfg)
+    workers = ThreadPoolExecutor(cfg.inference_workers, thread_name_prefix="inference")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -146,6 +256,7 @@ def create_app(name: str, ref: str, cfg: ServeConfig) -> FastAPI:
             threading.Thread(target=follow, args=(slot, cfg.follow_seconds, stop), daemon=True).start()
         yield
         stop.set()
+        workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lesionflow", summary=f"lesion segmentation with {name}@{ref}", lifespan=lifespan)
     app.state.slot = slot
@@ -160,52 +271,45 @@ def create_app(name: str, ref: str, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", **describe(slot.current),
+        return {"status": "ok", **describe(slot.current), "in_flight": admission.in_flight,
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "min_side": cfg.min_side,
-                           "max_side": cfg.max_side}}
+                           "max_side": cfg.max_side, "inference_workers": cfg.inference_workers,
+                           "max_queue": cfg.max_queue}}
 
     @app.post("/reload")
-    async def reload() -> dict:
+    async def reload(request: Request) -> dict:
+        _authorize_reload(request, reload_token)
         try:
             before, after = await run_in_threadpool(slot.reload)
         except RegistryError as err:
             raise _error(409, f"cannot reload {name}@{ref}: {err}; still serving "
                               f"v{slot.current.version}") from None
+        except ReloadError as err:
+            raise _error(503, f"cannot reload {name}@{ref}: {err}; still serving "
+                              f"v{slot.current.version}",
+                         {"Retry-After": str(cfg.retry_after_seconds)}) from None
         return {**describe(after), "previous_version": before.version}
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
-        served = slot.current  # one model for the whole request, even if a reload lands meanwhile
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await _read_body(request, cfg.max_upload_bytes)
-        data, lesion_type, mask_format = _parse(content_type, body, dict(request.query_params))
-        if lesion_type is None and served.model.lesion_types is not None:
-            raise _error(422, f"{name} v{served.version} has one model per lesion type: send "
-                              f"lesion_type, one of {served.model.lesion_types}")
-        try:
-            image = decode_image(data, min_side=cfg.min_side, max_side=cfg.max_side)
-            pred = await run_in_threadpool(served.model.segment, image, lesion_type)
-        except InvalidImageError as err:
-            raise _error(400, str(err)) from None
-        except (ImageSizeError, UnknownLesionTypeError) as err:
-            raise _error(422, str(err)) from None
-        if mask_format == "png":
-            mask = {"format": "png", "data": base64.b64encode(encode_png(pred.mask)).decode("ascii")}
-        else:
-            mask = {"format": "rle", **encode_rle(pred.mask)}
-        return {"model": served.name, "version": served.version, "lesion_type": lesion_type,
-                "height": int(pred.mask.shape[0]), "width": int(pred.mask.shape[1]),
-                "threshold": served.model.threshold, "confidence": pred.confidence,
-                "lesion_fraction": float(pred.mask.mean()), "mask": mask}
+        with admission:
+            served = slot.current  # one model for the whole request, even if a reload lands meanwhile
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            body = await _read_body(request, cfg.max_upload_bytes)
+            return await asyncio.get_running_loop().run_in_executor(
+                workers, _answer, served, cfg, content_type, body, dict(request.query_params))
 
     return app
 
 
 def serve(name: str, ref: str, cfg: ServeConfig, host: str, port: int) -> None:
-    """Load ``name@ref`` from the current tracking server and answer on ``host:port`` until stopped."""
+    """Load ``name@ref`` from the current tracking server and answer on ``host:port`` until
+    stopped; the reload token comes from the environment (a Secret on Kubernetes)."""
     import uvicorn
 
-    app = create_app(name, ref, cfg)
+    token = os.environ.get(RELOAD_TOKEN_ENV, "").strip() or None  # a Secret made from a file ends in \n
+    app = create_app(name, ref, cfg, reload_token=token)
+    reload_note = "POST /reload" if token else f"POST /reload disabled (set {RELOAD_TOKEN_ENV})"
     print(f"serving {name}@{ref} (v{app.state.slot.current.version}) on http://{host}:{port}: "
-          "POST /predict, GET /health, POST /reload", flush=True)
+          f"POST /predict, GET /health, {reload_note}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from lesionflow import lineage
+from lesionflow import lineage, services
 from lesionflow.config import Params
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+services.bound_mlflow_http_retries()
 
 
 def connect(params: Params) -> str:
@@ -28,35 +31,41 @@ def connect(params: Params) -> str:
     uri = params.runtime.tracking_uri()
     if uri.startswith("sqlite:///"):
         params.runtime.resolved_workdir().mkdir(parents=True, exist_ok=True)
+    services.wait_for_tracking(uri, params.runtime.service_wait_seconds)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # the registry lives in the same store; never a stale one
-    experiment_id = ensure_experiment(params, params.runtime.experiment)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+    main_experiment = experiment_id(params.runtime.experiment)
+    mlflow.set_experiment(experiment_id=main_experiment)
+    return main_experiment
 
 
-def ensure_experiment(params: Params, name: str) -> str:
-    """Id of experiment ``name``, created if needed (with the embedded store, artifacts under the
-    workdir rather than ``./mlruns`` of the current directory)."""
+def experiment_id(name: str, tags: dict[str, str] | None = None) -> str:
+    """Id of experiment ``name`` in the current store, created if needed. With a ``sqlite:///``
+    store, artifacts go next to the database file, never to ``./mlruns`` of the current folder
+    (MLflow's default for experiments created without a location)."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    if params.runtime.tracking_uri().startswith("sqlite:///"):
-        location = (params.runtime.resolved_workdir() / "mlartifacts").as_uri()
-        return client.create_experiment(name, artifact_location=location)
-    return client.create_experiment(name)
+    return client.create_experiment(name, artifact_location=_local_artifact_location(), tags=tags)
+
+
+def _local_artifact_location() -> str | None:
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None  # a server decides where its artifacts live
+    return (Path(unquote(uri[len("sqlite:///"):])).resolve().parent / "mlartifacts").as_uri()
 
 
 def parent_run_id(params: Params, pipeline_run_id: str) -> str:
-    experiment_id = connect(params)
+    experiment = connect(params)
     client = MlflowClient()
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{lineage.TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' "
+        [experiment], filter_string=f"tags.`{lineage.TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' "
                                        f"and tags.`{lineage.TAG_STEP}` = 'pipeline'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"pipeline {pipeline_run_id}",
+    run = client.create_run(experiment, run_name=f"pipeline {pipeline_run_id}",
                             tags={lineage.TAG_PIPELINE_RUN_ID: pipeline_run_id, lineage.TAG_STEP: "pipeline",
                                   lineage.TAG_PARAMS_HASH: params.digest()})
     return run.info.run_id
@@ -73,3 +82,16 @@ def step_run(params: Params, step: str, pipeline_run_id: str) -> Iterator[mlflow
 
 def finish_pipeline_run(params: Params, pipeline_run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(parent_run_id(params, pipeline_run_id), status=status)
+
+
+def end_runs_of_dead_pipelines(params: Params, pipeline_run_ids: list[str]) -> None:
+    """Mark the still-RUNNING runs of pipeline runs that died (their lease was taken over) KILLED,
+    so the MLflow UI does not show them running forever."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(params.runtime.experiment)
+    for pipeline_run_id in pipeline_run_ids:
+        for run in client.search_runs(
+                [experiment.experiment_id], max_results=1000,
+                filter_string=f"tags.`{lineage.TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' "
+                              "and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, status="KILLED")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from lesionflow.config import TrainConfig
 from lesionflow.data.manifest import Record
 from lesionflow.data.transforms import load_image, load_target
+from lesionflow.errors import ConfigError
 from lesionflow.losses import dice_bce_loss
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.progress import progress
@@ -82,7 +83,8 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is visible: set train.device: "
+                          "auto (a GPU where there is one) or cpu")
     return torch.device(name)
 
 

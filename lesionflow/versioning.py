@@ -24,12 +24,26 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from lesionflow.config import RuntimeConfig
 from lesionflow.data.manifest import link_or_copy
-from lesionflow.errors import DatasetVersionError
+from lesionflow.errors import DatasetVersionError, RemoteUnavailableError
+from lesionflow.services import with_remote_retries
 
 REMOTE_NAME = "storage"
 _DIR_HASH = re.compile(r"[0-9a-f]{32}\.dir")
 _STDERR_TAIL = 15  # lines of dvc's output kept in error messages
+# dvc/s3fs/botocore wording of a remote that is down, slow or briefly failing (worth a retry);
+# anything else (no such bucket, access denied, missing objects) is final.
+_TRANSIENT = re.compile(
+    r"could not connect|connection (refused|reset|aborted|was closed)|connect timeout|read timeout|"
+    r"timed out|max retries exceeded|temporary failure|service ?unavailable|slow ?down|internal ?error|"
+    r"\b50[0234]\b", re.IGNORECASE)
+# What dvc says when an object store drops out mid-transfer (details only with -v); from a local
+# folder remote the same words mean a missing object, which no retry brings back.
+_PARTIAL_TRANSFER = re.compile(r"files? failed to (upload|download)", re.IGNORECASE)
+_FINAL = re.compile(r"missing cache files|missing-files|no ?such ?bucket|access ?denied|forbidden|"
+                    r"invalid ?access ?key|signature ?does ?not ?match|\b40[34]\b", re.IGNORECASE)
+SERVICE_WAIT = RuntimeConfig.model_fields["service_wait_seconds"].default
 
 
 class DatasetVersion(BaseModel):
@@ -45,12 +59,13 @@ class DatasetVersion(BaseModel):
 
 
 def version_dataset(dataset_dir: Path, *, remote: str, endpoint_url: str | None = None,
-                    workspace: Path | None = None) -> DatasetVersion:
+                    workspace: Path | None = None, retry_seconds: float = SERVICE_WAIT) -> DatasetVersion:
     """Add ``dataset_dir`` to DVC and push it to ``remote`` (a folder or ``s3://bucket/prefix``).
 
     A persistent ``workspace`` keeps its cache and hash state between calls, so versioning
     unchanged data again re-hashes nothing and pushes nothing; ``None`` uses a temporary one.
-    S3 credentials come from the environment and are never written into DVC config.
+    S3 credentials come from the environment and are never written into DVC config. A remote
+    that is down is retried for ``retry_seconds``, then named (RemoteUnavailableError).
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
@@ -58,14 +73,15 @@ def version_dataset(dataset_dir: Path, *, remote: str, endpoint_url: str | None 
     url = _remote_url(remote, endpoint_url)
     if workspace is None:
         with tempfile.TemporaryDirectory(prefix="lesionflow-dvc-") as tmp:
-            return _version(dataset_dir, url, endpoint_url, Path(tmp))
+            return _version(dataset_dir, url, endpoint_url, Path(tmp), retry_seconds)
     workspace = Path(workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     with _exclusive(workspace):  # concurrent local runs share it; data/ must not interleave
-        return _version(dataset_dir, url, endpoint_url, workspace)
+        return _version(dataset_dir, url, endpoint_url, workspace, retry_seconds)
 
 
-def restore_dataset(md5: str, dest: Path, *, remote: str, endpoint_url: str | None = None) -> Path:
+def restore_dataset(md5: str, dest: Path, *, remote: str, endpoint_url: str | None = None,
+                    retry_seconds: float = SERVICE_WAIT) -> Path:
     """Materialise dataset version ``md5`` at ``dest`` from the remote alone (no git, no cache).
 
     Pulls into a temporary workspace next to ``dest`` and renames ``data/`` into place, so on
@@ -84,7 +100,9 @@ def restore_dataset(md5: str, dest: Path, *, remote: str, endpoint_url: str | No
         _init_workspace(ws, url, endpoint_url, cache_type="hardlink,copy")
         (ws / "data.dvc").write_text(f"outs:\n- md5: {md5}\n  hash: md5\n  path: data\n")
         try:
-            _dvc(["pull", "data.dvc"], ws)
+            _remote_call(["pull", "data.dvc"], ws, url, endpoint_url, retry_seconds)
+        except RemoteUnavailableError:
+            raise
         except DatasetVersionError as err:
             if "missing cache files" in str(err).lower():
                 raise DatasetVersionError(
@@ -101,7 +119,8 @@ def restore_dataset(md5: str, dest: Path, *, remote: str, endpoint_url: str | No
     return dest
 
 
-def _version(dataset_dir: Path, url: str, endpoint_url: str | None, ws: Path) -> DatasetVersion:
+def _version(dataset_dir: Path, url: str, endpoint_url: str | None, ws: Path,
+             retry_seconds: float) -> DatasetVersion:
     # Never hardlink: DVC would make the artifact's files read-only and share them with the cache.
     _init_workspace(ws, url, endpoint_url, cache_type="reflink,copy")
     data = ws / "data"
@@ -109,7 +128,7 @@ def _version(dataset_dir: Path, url: str, endpoint_url: str | None, ws: Path) ->
     try:
         shutil.copytree(dataset_dir, data, copy_function=link_or_copy)
         _dvc(["add", "--no-relink", "data"], ws)
-        _dvc(["push", "data.dvc"], ws)
+        _remote_call(["push", "data.dvc"], ws, url, endpoint_url, retry_seconds)
     finally:
         # Hardlinks into a KFP artifact must not outlive the call in a persistent workspace.
         shutil.rmtree(data, ignore_errors=True)
@@ -117,6 +136,19 @@ def _version(dataset_dir: Path, url: str, endpoint_url: str | None, ws: Path) ->
     out = yaml.safe_load(dvc_file)["outs"][0]
     return DatasetVersion(md5=out["md5"], remote=url, n_files=out["nfiles"], size=out["size"],
                           dvc_file=dvc_file)
+
+
+def _remote_call(args: list[str], ws: Path, url: str, endpoint_url: str | None, seconds: float) -> None:
+    """``dvc push``/``pull``: content-addressed, so retrying a half-done transfer is safe."""
+    with_remote_retries(lambda: _dvc(args, ws), remote=url, endpoint_url=endpoint_url, seconds=seconds,
+                        transient=lambda err: _transient(err, object_store="://" in url))
+
+
+def _transient(err: BaseException, object_store: bool) -> bool:
+    text = str(err)
+    if not isinstance(err, DatasetVersionError) or _FINAL.search(text):
+        return False
+    return bool(_TRANSIENT.search(text) or (object_store and _PARTIAL_TRANSFER.search(text)))
 
 
 def _remote_url(remote: str, endpoint_url: str | None) -> str:
@@ -168,6 +200,8 @@ def _dvc(args: list[str], cwd: Path) -> None:
            "DVC_SITE_CACHE_DIR": str(cwd / ".dvc" / "site-cache")}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-_STDERR_TAIL:])
+        lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines()
+                 if line.strip() and not line.startswith("Having any troubles?")]  # dvc's footer
+        tail = "\n".join(lines[-_STDERR_TAIL:])
         raise DatasetVersionError(
             f"`{' '.join(['dvc', *args])}` failed with exit code {proc.returncode} in {cwd}:\n{tail}")

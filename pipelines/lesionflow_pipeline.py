@@ -7,6 +7,7 @@ from kfp import compiler, dsl
 
 from components import steps
 from lesionflow.config import ClusterConfig
+from lesionflow.errors import ConfigError
 from pipelines.platform import configure
 
 COMPILED = Path(__file__).with_suffix(".yaml")
@@ -45,5 +46,12 @@ lesionflow_pipeline = build()
 
 
 def compile_pipeline(path: Path = COMPILED, cluster: ClusterConfig | None = None) -> Path:
-    compiler.Compiler().compile(build(cluster), str(path))
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"compile output {path} must be a .yaml file (KFP's format)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        compiler.Compiler().compile(build(cluster), str(path))
+    except OSError as err:
+        raise ConfigError(f"cannot write the compiled pipeline to {path}: {err.strerror}") from None
     return path

@@ -108,28 +108,46 @@ class MlflowServer(str):
         return self.root / "artifacts"
 
 
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:``port`` with its SQLite store and artifacts under ``root``,
+    in its own process group (stop it with ``stop_process_group``); returns once /health answers.
+    Restarting it on the same root and port is a tracking server coming back after an outage."""
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
+        # no GenAI job runner: it forks eight huey consumers, slowing start-up and shutdown
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=proc)
+    except BaseException:
+        stop_process_group(proc, signal.SIGKILL)
+        raise
+    return proc
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process over HTTP with a SQLite store that serves artifacts itself
     (clients upload through it, as pods do); yields an ``MlflowServer``."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        # no GenAI job runner: it forks eight huey consumers, slowing start-up and shutdown
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    server = MlflowServer(f"http://127.0.0.1:{port}", root)
+    proc = start_mlflow_server(root, port)
     try:
-        wait_http(f"{server.url}/health", timeout=90, proc=proc)
-        yield server
+        yield MlflowServer(f"http://127.0.0.1:{port}", root)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)

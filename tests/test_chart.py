@@ -134,17 +134,45 @@ def test_dockerfile_user_is_the_charts_default_uid(rendered):
 def test_credentials_come_only_from_secrets(rendered, values):
     docs = rendered[values]
     assert "Secret" not in {d["kind"] for d in docs}, "the chart must not carry credentials"
-    secret_like = re.compile(r"SECRET|PASSWORD|USERNAME|ACCESS_KEY|BACKEND_STORE_URI")
+    secret_like = re.compile(r"SECRET|PASSWORD|USERNAME|ACCESS_KEY|BACKEND_STORE_URI|_TOKEN$|_KEY$")
     seen = set()
     for c in containers(docs).values():
         for env in c.get("env", []):
             if secret_like.search(env["name"]):
                 assert "value" not in env and "secretKeyRef" in env["valueFrom"], (c["name"], env)
                 seen.add(env["name"])
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_BACKEND_STORE_URI"} <= seen
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_BACKEND_STORE_URI",
+            "LESIONFLOW_RELOAD_TOKEN", "LESIONFLOW_PSEUDONYM_KEY"} <= seen
     if values == "all-on":
         assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= seen
     assert "postgresql://" not in yaml.safe_dump_all(docs)
+
+
+def secret_env(container: dict) -> dict[str, dict]:
+    """env name → its secretKeyRef, for the variables taken from a Secret."""
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_reload_token_reaches_serving_and_pseudonym_key_reaches_retrain(rendered, values):
+    """Each workload gets only the key it uses. The token is optional in the Secret (without it
+    serving only disables /reload); the pseudonym key is not (a retrain without it would make
+    pseudonyms the pipeline's ingest step cannot match)."""
+    chosen = yaml.safe_load((ALL_ON if values == "all-on" else CHART / "values.yaml").read_text())["secrets"]
+    serving, retrain = (secret_env(containers(rendered[values])[n]) for n in ("serving", "retrain"))
+    assert serving["LESIONFLOW_RELOAD_TOKEN"] == {"name": chosen["existingSecret"],
+                                                  "key": chosen["reloadTokenKey"], "optional": True}
+    assert retrain["LESIONFLOW_PSEUDONYM_KEY"] == {"name": chosen["existingSecret"],
+                                                   "key": chosen["pseudonymKeyKey"]}
+    assert "LESIONFLOW_PSEUDONYM_KEY" not in serving and "LESIONFLOW_RELOAD_TOKEN" not in retrain
+
+
+def test_without_a_keys_secret_no_pod_references_one(helm):
+    out = helm("template", "lf", str(CHART), "--set", "secrets.existingSecret=").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    for c in containers(docs).values():
+        assert not {"LESIONFLOW_RELOAD_TOKEN", "LESIONFLOW_PSEUDONYM_KEY"} & set(secret_env(c)), c["name"]
 
 
 def leaves(node, path=()):
@@ -175,6 +203,7 @@ def test_values_hold_no_credential(helm):
     "retrain.minCorrections=0",
     "mlflow.service.port=70000",
     "s3.bucket=Not_A_Bucket",
+    "secrets.existingSecret=Not_A_Secret",
 ])
 def test_values_schema_rejects_bad_values(helm, bad):
     proc = helm("template", "lf", str(CHART), "--set", bad, check=False)
@@ -235,8 +264,9 @@ def test_chart_secret_is_the_one_the_pipeline_steps_read():
     cluster = config.load(REPO / "params.yaml").cluster
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     creds, auth = values["s3"]["credentials"], values["mlflow"]["auth"]
-    assert creds["existingSecret"] == cluster.credentials_secret
-    keys = {creds["accessKeyIdKey"], creds["secretAccessKeyKey"], auth["usernameKey"], auth["passwordKey"]}
+    assert creds["existingSecret"] == values["secrets"]["existingSecret"] == cluster.credentials_secret
+    keys = {creds["accessKeyIdKey"], creds["secretAccessKeyKey"], auth["usernameKey"], auth["passwordKey"],
+            values["secrets"]["pseudonymKeyKey"]}
     assert keys <= set(cluster.secret_env)
 
 
@@ -293,6 +323,7 @@ def test_notes_name_the_secrets_to_create(helm, tmp_path):
     notes = yaml.safe_load(out)["data"]["notes"]
     for secret in ("mlflow-postgres", "s3-credentials", "mlflow-auth"):
         assert secret in notes
+    assert 'lesionflow-keys: key "pseudonym-key"' in notes and '"reload-token"' in notes
     assert "lesionflow:0.1.0-0123456789ab" in notes
     assert "http://lf-mlflow.ml.svc:5000" in notes
 

@@ -63,3 +63,94 @@ def test_digest_ignores_runtime_locations_but_not_tunables():
 def test_json_round_trip_is_what_components_receive():
     params = config.load(REPO / "params.yaml", ["seed=7"])
     assert config.from_json(params.model_dump_json()) == params
+
+
+def test_params_yaml_is_generated_from_the_models():
+    """One source of defaults: the checked-in params.yaml is exactly what the models generate."""
+    assert (REPO / "params.yaml").read_text() == config.defaults_yaml(), (
+        "params.yaml differs from the defaults in lesionflow/config.py: change defaults there, then "
+        "run `lesionflow params --write params.yaml` and commit both")
+    assert config.load(REPO / "params.yaml") == config.load(None) == config.Params()
+
+
+def test_every_key_has_a_description():
+    missing = []
+
+    def walk(section, prefix):
+        for name, field in type(section).model_fields.items():
+            if not field.description:
+                missing.append(prefix + name)
+            if isinstance(getattr(section, name), config.BaseModel):
+                walk(getattr(section, name), f"{prefix}{name}.")
+
+    walk(config.Params(), "")
+    assert not missing, f"give these a Field(description=...): {missing}"
+
+
+def test_cli_prints_and_writes_the_defaults(tmp_path, capsys):
+    from lesionflow.cli import main
+
+    assert main(["params"]) == 0
+    assert capsys.readouterr().out == config.defaults_yaml()
+    assert main(["params", "--write", str(tmp_path / "p.yaml")]) == 0
+    assert config.load(tmp_path / "p.yaml") == config.Params()
+
+
+@pytest.mark.parametrize("overrides, keys, fix", [
+    (["train.image_size=100"], ["train.image_size", "model.depth"], "set train.image_size to 96 or 112"),
+    (["model.depth=5", "train.image_size=32"], ["train.image_size"], "set train.image_size to 64"),
+    (["video.image_size=60"], ["video.image_size", "video.depth"], "56 or 64"),
+    (["serve.min_side=5000"], ["serve.min_side", "serve.max_side"], "raise max_side"),
+    (["weak_label.n_superpixels=5000", "train.image_size=64", "model.depth=2"],
+     ["weak_label.n_superpixels", "train.image_size"], "lower n_superpixels"),
+    (["meta_train.per_lesion_type=true", "meta_train.query_from=other_task"],
+     ["meta_train.query_from", "per_lesion_type"], "query_from: same_task"),
+    (["ingest.split.train=0.9"], ["ingest.split"], "adjust ingest.split"),
+    (["pseudo_label.quantile=0.5"], ["pseudo_label.threshold", "pseudo_label.quantile"], "exactly one"),
+    (["model.in_channels=2"], ["model.in_channels"], "1 or 3"),
+    (["runtime.mlflow_tracking_uri=ftp://x"], ["runtime.mlflow_tracking_uri"], "http(s)://"),
+    (["runtime.dvc_remote=gs://b/p"], ["runtime.dvc_remote"], "s3://bucket/prefix"),
+])
+def test_cross_field_mistakes_fail_at_validation_naming_keys_and_fix(overrides, keys, fix):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, overrides)
+    assert all(key in str(err.value) for key in keys) and fix in str(err.value), str(err.value)
+    assert "Value error" not in str(err.value)
+
+
+def test_cross_field_problems_are_listed_together():
+    """(They are checked once every key is valid on its own, so they follow a typo's fix.)"""
+    with pytest.raises(ConfigError) as err:
+        config.load(None, ["train.image_size=100", "serve.min_side=5000"])
+    assert "train.image_size" in str(err.value) and "serve.min_side" in str(err.value)
+
+
+def test_version_numbers_may_be_given_as_numbers():
+    params = config.load(None, ["train.init_from=3", "serve.model=2", "pseudo_label.model=1",
+                                "cluster.train_cpu=4"])
+    assert (params.train.init_from, params.serve.model, params.pseudo_label.model,
+            params.cluster.train_cpu) == ("3", "2", "1", "4")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"train: [\n", "not valid YAML"),
+    (b"- a\n- b\n", "mapping at the top level"),
+    (b"train:\n  epochs: 3\ntrain:\n  lr: 1\n", "'train' appears twice"),
+    (b"train:\n  epochs: \xff\n", "not UTF-8"),
+])
+def test_malformed_params_files_are_named(tmp_path, content, says):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=says) as err:
+        config.load(path)
+    assert str(path) in str(err.value) and "<unicode string>" not in str(err.value)
+
+
+def test_an_empty_params_file_means_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    assert config.load(tmp_path / "empty.yaml") == config.Params()
+
+
+def test_an_override_that_is_not_yaml_is_named():
+    with pytest.raises(ConfigError, match=r"train.epochs=\[3.*not valid YAML"):
+        config.load(None, ["train.epochs=[3"])

@@ -43,8 +43,11 @@ def lesionflow(workdir: Path, *args: str, extra: tuple[str, ...] = ()) -> str:
     return proc.stdout
 
 
-def post(url: str, body: bytes, content_type: str) -> dict:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+RELOAD_TOKEN = "e2e-token"
+
+
+def post(url: str, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> dict:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type, **(headers or {})})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -86,7 +89,7 @@ def test_serve_refuse_correct_retrain_rollback(tmp_path):
     stills = sorted((source / "images").glob("still_*.png"))[:6]
 
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LESIONFLOW_RELOAD_TOKEN": RELOAD_TOKEN}
     server = subprocess.Popen(
         [sys.executable, "-m", "lesionflow.cli", "serve", "--port", str(port), "--params",
          str(REPO / "params.yaml"), "--set", f"runtime.workdir={workdir}",
@@ -144,7 +147,7 @@ def test_serve_refuse_correct_retrain_rollback(tmp_path):
             time.sleep(0.5)
         assert post(f"{base}/predict", stills[0].read_bytes(), "image/png")["version"] == "3"
         assert "v3 → v1" in lesionflow(workdir, "rollback")
-        post(f"{base}/reload", b"", "application/json")
+        post(f"{base}/reload", b"", "application/json", {"Authorization": f"Bearer {RELOAD_TOKEN}"})
         answer = post(f"{base}/predict", stills[0].read_bytes(), "image/png")
         assert answer["version"] == "1"
         assert np.isclose(answer["confidence"], answers[0]["confidence"])  # the same v1 weights

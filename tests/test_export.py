@@ -130,8 +130,10 @@ def test_plain_json_decodes_without_any_library(dataset, tmp_path, capsys):
 def test_export_refuses_a_used_folder_and_unknown_format(dataset, tmp_path, capsys):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not empty"):
-        main(["export", "--dataset", str(dataset[0]), "--format", "json", "--out", str(tmp_path / "used")])
+    used = ["export", "--dataset", str(dataset[0]), "--format", "json", "--out", str(tmp_path / "used")]
+    assert main(used) == 2
+    err = capsys.readouterr().err
+    assert "ExportError" in err and "not empty" in err and (tmp_path / "used" / "x").read_text() == "keep me"
     with pytest.raises(SystemExit):
         main(["export", "--dataset", str(dataset[0]), "--format", "yolo", "--out", str(tmp_path / "y")])
     assert "invalid choice: 'yolo'" in capsys.readouterr().err

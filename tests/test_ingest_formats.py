@@ -1,15 +1,15 @@
-"""Format readers through the real ingest path: DICOM (with de-identification), 16-bit TIFF,
-NIfTI and NRRD volumes, and the mask encodings users actually have (RGB, palette, RGBA)."""
+"""Format readers through the real ingest path: DICOM (with de-identification; the profile itself
+is tested in test_deid.py), 16-bit TIFF, NIfTI and NRRD volumes, and the mask encodings users
+actually have (RGB, palette, RGBA)."""
 
 from __future__ import annotations
 
-import hashlib
+import json
 from pathlib import Path
 
 import nibabel
 import nrrd
 import numpy as np
-import pydicom
 import pytest
 import tifffile
 from PIL import Image
@@ -21,18 +21,16 @@ from pydicom.uid import (
 )
 
 from lesionflow.config import IngestConfig
-from lesionflow.data.ingest import ingest
-from lesionflow.data.io import (
-    deidentify,
-    read_dicom,
-    read_image,
-    read_mask,
-    read_volume,
-)
+from lesionflow.data import io
+from lesionflow.data.deid import Pseudonyms
+from lesionflow.data.ingest import DICOM_HEADERS, ingest
+from lesionflow.data.io import read_dicom, read_image, read_mask, read_volume
 from lesionflow.data.manifest import read_manifest
 from lesionflow.errors import MaskSizeMismatchError, UnreadableImageError
 
 PATIENT_ID = "12345"
+KEY = b"test-pseudonym-key-0123456789abcdef"
+PSEUDONYMS = Pseudonyms(KEY)
 
 
 def write_dicom(path: Path, pixels: np.ndarray, patient_id: str = PATIENT_ID, **attrs) -> None:
@@ -89,39 +87,39 @@ def test_dicom_is_windowed_and_deidentified(tmp_path):
     path = tmp_path / "x.dcm"
     pixels = ct_pixels(0)
     write_dicom(path, pixels)
-    image, pseudonym, spacing = read_dicom(path)
+    dicom = read_dicom(path, PSEUDONYMS)
     hu = pixels.astype(np.int32) - 1024
-    assert image.dtype == np.uint8 and image.shape == pixels.shape
-    assert (image[hu <= -160] == 0).all() and (image[hu >= 240] == 255).all()
-    assert pseudonym == "p-" + hashlib.sha256(PATIENT_ID.encode()).hexdigest()[:12]
-    assert spacing is None
-    assert np.array_equal(read_image(path), image)
-
-    ds = deidentify(pydicom.dcmread(path))
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-                    "PatientAddress", "OtherPatientIDs", "InstitutionName", "ReferringPhysicianName",
-                    "AccessionNumber"):
-        assert keyword not in ds
-    assert not any(elem.tag.is_private for elem in ds)
-    assert ds.Modality == "CT"
+    assert dicom.image.dtype == np.uint8 and dicom.image.shape == pixels.shape
+    assert (dicom.image[hu <= -160] == 0).all() and (dicom.image[hu >= 240] == 255).all()
+    assert dicom.patient == PSEUDONYMS.name(PATIENT_ID) and dicom.spacing is None
+    assert np.array_equal(read_image(path), dicom.image)
+    header = json.dumps(dicom.header)
+    assert "Doe" not in header and PATIENT_ID not in header
+    assert dicom.header["00080060"]["Value"] == ["CT"]  # Modality is kept
 
 
 def test_dicom_ingest_leaks_no_identifier(tmp_path):
+    """File names, headers and grouping: only pseudonyms reach the dataset, and the cleaned header
+    does (so this fails if the header were not de-identified)."""
     src, out = tmp_path / "src", tmp_path / "out"
     (src / "images").mkdir(parents=True)
     (src / "masks").mkdir()
     for i in range(2):
-        write_dicom(src / "images" / f"scan{i}.dcm", ct_pixels(i))
-        Image.fromarray(blob_mask((24, 32))).save(src / "masks" / f"scan{i}.png")
+        write_dicom(src / "images" / f"Doe_Jane_scan{i}.dcm", ct_pixels(i))
+        Image.fromarray(blob_mask((24, 32))).save(src / "masks" / f"Doe_Jane_scan{i}.png")
     write_dicom(src / "images" / "other.dcm", ct_pixels(9), patient_id="99999")
-    ingest(IngestConfig(source=str(src)), out, seed=0)
+    ingest(IngestConfig(source=str(src)), out, seed=0, key=KEY)
 
     by_id = {r.id: r for r in read_manifest(out)}
-    expected = "p-" + hashlib.sha256(PATIENT_ID.encode()).hexdigest()[:12]
-    assert by_id["scan0"].group == by_id["scan1"].group == expected
-    assert by_id["other"].group.startswith("p-") and by_id["other"].group != expected
-    assert by_id["scan0"].kind == "still" and by_id["other"].kind == "unlabelled"
-    assert by_id["scan0"].split == by_id["scan1"].split
+    scan0, scan1, other = (by_id[PSEUDONYMS.name(s)] for s in ("Doe_Jane_scan0", "Doe_Jane_scan1",
+                                                                 "other"))
+    assert scan0.group == scan1.group == PSEUDONYMS.name(PATIENT_ID)
+    assert other.group == PSEUDONYMS.name("99999")
+    assert scan0.kind == "still" and other.kind == "unlabelled" and scan0.split == scan1.split
+    assert scan0.source == f"images/{scan0.id}.dcm"
+    headers = [json.loads(line) for line in (out / DICOM_HEADERS).read_text().splitlines()]
+    assert sorted(h["id"] for h in headers) == sorted(by_id)
+    assert all(h["header"]["00100020"]["Value"] == [by_id[h["id"]].group] for h in headers)
     for f in out.rglob("*"):
         if f.is_file():
             data = f.read_bytes()
@@ -189,17 +187,18 @@ def test_dicom_pixel_spacing_reaches_the_record_and_scales_with_it(tmp_path):
                 ImagerPixelSpacing=[0.15, 0.15])
     write_dicom(src / "images" / "unknown.dcm", ct_pixels(2), patient_id="3", PixelSpacing=[0, 0])
     Image.fromarray(blob_mask((24, 32))).save(src / "images" / "photo.png")
-    assert read_dicom(src / "images" / "ct.dcm")[2] == (0.5, 0.8)
+    assert read_dicom(src / "images" / "ct.dcm", PSEUDONYMS).spacing == (0.5, 0.8)
 
-    ingest(IngestConfig(source=str(src)), tmp_path / "full", seed=0)
+    ingest(IngestConfig(source=str(src)), tmp_path / "full", seed=0, key=KEY)
     spacing = {r.id: r.spacing for r in read_manifest(tmp_path / "full")}
-    assert spacing == {"ct": (0.5, 0.8), "xray": (0.15, 0.15), "unknown": None, "photo": None}
+    assert spacing == {PSEUDONYMS.name("ct"): (0.5, 0.8), PSEUDONYMS.name("xray"): (0.15, 0.15),
+                       PSEUDONYMS.name("unknown"): None, PSEUDONYMS.name("photo"): None}
 
     # 24x32 → 12x16: every stored pixel covers twice the mm along both axes
-    ingest(IngestConfig(source=str(src), max_side=16), tmp_path / "small", seed=0)
-    by_id = {r.id: r for r in read_manifest(tmp_path / "small")}
-    assert (by_id["ct"].height, by_id["ct"].width) == (12, 16)
-    assert by_id["ct"].spacing == pytest.approx((1.0, 1.6))
+    ingest(IngestConfig(source=str(src), max_side=16), tmp_path / "small", seed=0, key=KEY)
+    ct = next(r for r in read_manifest(tmp_path / "small") if r.id == PSEUDONYMS.name("ct"))
+    assert (ct.height, ct.width) == (12, 16)
+    assert ct.spacing == pytest.approx((1.0, 1.6))
 
 
 def _slices(out: Path, stem: str, key: str = "image") -> list[np.ndarray]:
@@ -298,3 +297,15 @@ def test_mask_encodings(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 not really")
     with pytest.raises(UnreadableImageError, match="junk.jpg"):
         read_mask(tmp_path / "junk.jpg")
+
+
+def test_a_bug_in_our_code_is_not_reported_as_an_unreadable_file(tmp_path, monkeypatch):
+    """Only the decoders' own errors mean "bad file"; anything else propagates as the bug it is."""
+    Image.fromarray(blob_mask((10, 12))).save(tmp_path / "ok.png")
+
+    def broken(arr, path):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(io, "_channels_last", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        read_image(tmp_path / "ok.png")

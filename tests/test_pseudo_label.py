@@ -21,9 +21,9 @@ from lesionflow.steps.pseudo_label import hidden_ids, pseudo_label
 from lesionflow.steps.train import new_segmenter
 
 SMALL = ["synthetic.n_images=16", "synthetic.n_videos=1", "synthetic.frames_per_video=4",
-         "synthetic.size=32", "model.base_channels=4", "model.depth=1", "train.image_size=32",
-         "meta_train.outer_steps=4", "meta_train.rerank_every=2", "meta_train.support_size=2",
-         "meta_train.query_size=2"]
+         "synthetic.n_weak=0", "synthetic.size=32", "model.base_channels=4", "model.depth=1",
+         "train.image_size=32", "meta_train.outer_steps=4", "meta_train.rerank_every=2",
+         "meta_train.support_size=2", "meta_train.query_size=2"]
 
 
 class Brightness:

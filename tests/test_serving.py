@@ -4,6 +4,11 @@ One server for the module (start-up costs seconds): v1 is a single model, v2 one
 type; v2 is champion until the last test rolls back to v1 with the real `lesionflow rollback`.
 Masks are compared with the same version loaded in-process; pixels whose probability lies within
 1e-4 of the threshold may flip between processes (thread counts change float sums) and are skipped.
+
+Admission, reload atomicity and the reload token are tested on the same app run by uvicorn in a
+thread, over real HTTP, with an in-memory registry whose models can hold a request inside
+``segment`` until the test opens a gate: "in flight" and "queue full" are states the test
+creates, not timings it hopes for.
 """
 
 from __future__ import annotations
@@ -12,9 +17,15 @@ import base64
 import io
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -22,18 +33,23 @@ import numpy as np
 import pytest
 import requests
 import torch
+import uvicorn
 from PIL import Image
 from pycocotools.coco import COCO
 
 from lesionflow import config, lineage, registry, tracking
 from lesionflow.cli import main
-from lesionflow.models.pyfunc import decode_rle
+from lesionflow.errors import RegistryError
+from lesionflow.models.pyfunc import SegmentationModel, decode_rle
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet
+from lesionflow.serving import RELOAD_TOKEN_ENV, create_app
 from tests.conftest import REPO, free_port, wait_http
 
 MAX_BYTES, MAX_SIDE = 64 * 1024, 512
+TOKEN = "test-reload-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LESIONFLOW = [str(Path(sys.executable).parent / "lesionflow")]  # the installed command
 
 
@@ -80,6 +96,7 @@ def server(tmp_path_factory):
     cli_args = [a for o in overrides for a in ("--set", o)]
     with open(root / "serve.log", "w") as log:
         proc = subprocess.Popen([*LESIONFLOW, "serve", "--port", str(port), *cli_args], cwd=REPO,
+                                env={**os.environ, RELOAD_TOKEN_ENV: TOKEN},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -199,17 +216,213 @@ def test_saved_answers_export_to_coco_that_pycocotools_reads(server, tmp_path):
         assert np.array_equal(np.logical_or.reduce([coco.annToMask(a) > 0 for a in anns]), served_mask(answer))
 
 
-def test_reload_after_rollback_answers_with_the_restored_champion(server):
+def test_reload_after_rollback_under_load_fails_no_request(server):
+    """After `lesionflow rollback`, four clients keep sending while POST /reload swaps v2 for v1:
+    every answer is a 200, and each client sees v2 until it sees v1, never v2 again after."""
     url, cli_args, params = server
     done = subprocess.run([*LESIONFLOW, "rollback", "--why", "test", *cli_args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and "v2 → v1" in done.stdout, done.stderr
     assert requests.get(f"{url}/health", timeout=10).json()["version"] == "2"  # until reloaded
 
-    reloaded = requests.post(f"{url}/reload", timeout=60).json()
-    assert (reloaded["version"], reloaded["previous_version"], reloaded["lesion_types"]) == ("1", "2", None)
+    answering, reloaded_at = threading.Semaphore(0), threading.Event()
+
+    def client() -> list[tuple[int, str | None]]:
+        seen, deadline = [], time.monotonic() + 120  # bounded even if the reload fails
+        with requests.Session() as session:
+            while (not reloaded_at.is_set() or seen[-1][1] != "1") and time.monotonic() < deadline:
+                answer = session.post(f"{url}/predict", params={"lesion_type": "round"}, data=png(IMAGE),
+                                      headers={"Content-Type": "image/png"}, timeout=30)
+                seen.append((answer.status_code, answer.json().get("version")))
+                if len(seen) == 1:
+                    answering.release()
+        return seen
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client) for _ in range(4)]
+        try:
+            for _ in clients:
+                assert answering.acquire(timeout=60), "a client got no answer"
+            reloaded = requests.post(f"{url}/reload", headers=AUTH, timeout=60)
+        finally:
+            reloaded_at.set()
+        seen = [c.result(timeout=120) for c in clients]
+    assert reloaded.status_code == 200, reloaded.text
+    body = reloaded.json()
+    assert (body["version"], body["previous_version"], body["lesion_types"]) == ("1", "2", None)
+    for answers in seen:
+        assert {status for status, _ in answers} == {200}
+        versions = [v for _, v in answers]
+        assert versions == sorted(versions, reverse=True) and (versions[0], versions[-1]) == ("2", "1"), versions
+
     answer = requests.post(f"{url}/predict", data=png(IMAGE), headers={"Content-Type": "image/png"},
                            timeout=30).json()
     assert answer["version"] == "1"
     prob, expected, _ = in_process(params, "1", None)
     assert_same_mask(served_mask(answer), prob, expected)
+
+
+# --- admission, reload and token: the app in a thread, models held at will ---------------------
+
+
+class Held:
+    """A served model whose ``segment`` reports each call on ``entered`` and then waits for
+    ``gate``: a request stays inside the model until the test lets it go."""
+
+    def __init__(self, seed: int):
+        self.inner = SegmentationModel.wrap(segmenter(seed))
+        self.lesion_types, self.threshold = None, self.inner.threshold
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered: queue.Queue = queue.Queue()
+
+    def hold(self) -> None:
+        self.entered = queue.Queue()  # forget the warm-up call
+        self.gate.clear()
+
+    def segment(self, image, lesion_type=None):
+        self.entered.put(threading.current_thread().name)
+        if not self.gate.wait(timeout=60):
+            raise TimeoutError("the test never opened the gate")
+        return self.inner.segment(image, lesion_type)
+
+
+class Failing(Held):
+    """Loads, then fails its warm-up: a version that must never be swapped in."""
+
+    def segment(self, image, lesion_type=None):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+
+class Versions:
+    """An in-memory registry: ``alias`` is the version ``champion`` names (None: no alias);
+    loading a version returns its entry in ``models``, or raises it when it is an exception."""
+
+    def __init__(self, models: dict):
+        self.models, self.alias = models, "1"
+
+    def resolve(self, name: str, ref: str) -> str:
+        if self.alias is None:
+            raise RegistryError(f"model {name!r} has no alias {ref!r}; existing aliases: none")
+        return self.alias
+
+    def load_pyfunc(self, name: str, version: str):
+        loaded = self.models[version]
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
+
+
+@contextmanager
+def app_server(monkeypatch, versions: Versions, token: str | None = TOKEN, **serve) -> Iterator[str]:
+    """The real app on a real uvicorn in a thread; ``serve`` overrides ServeConfig fields."""
+    monkeypatch.setattr(registry, "resolve", versions.resolve)
+    monkeypatch.setattr(registry, "load_pyfunc", versions.load_pyfunc)
+    cfg = config.ServeConfig(follow_seconds=None, **serve)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app("served", "champion", cfg, reload_token=token),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for model in versions.models.values():
+            if isinstance(model, Held):
+                model.gate.set()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def send(url: str, session: requests.Session | None = None) -> requests.Response:
+    return (session or requests).post(f"{url}/predict", data=png(IMAGE),
+                                      headers={"Content-Type": "image/png"}, timeout=60)
+
+
+def wait_in_flight(url: str, n: int) -> None:
+    """Until the server has admitted ``n`` requests (its own count, read from /health)."""
+    deadline = time.monotonic() + 30
+    while requests.get(f"{url}/health", timeout=10).json()["in_flight"] != n:
+        assert time.monotonic() < deadline, f"the server never had {n} requests in flight"
+        time.sleep(0.01)
+
+
+def test_past_workers_plus_queue_a_request_gets_503_with_retry_after_at_once(monkeypatch):
+    v1 = Held(1)
+    with app_server(monkeypatch, Versions({"1": v1}), inference_workers=1, max_queue=2,
+                    retry_after_seconds=7) as url, ThreadPoolExecutor(3) as pool:
+        v1.hold()
+        running = pool.submit(send, url)
+        v1.entered.get(timeout=30)  # one request inside the model ...
+        queued = [pool.submit(send, url) for _ in range(2)]
+        wait_in_flight(url, 3)  # ... and two waiting for the only worker: the bound is reached
+
+        refused = send(url)  # answered while the gate is still closed: it was never queued
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "7"
+        assert "serve.inference_workers 1 + serve.max_queue 2" in refused.json()["detail"]
+        assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"  # probes still answer
+
+        v1.gate.set()
+        assert [f.result(timeout=60).status_code for f in [running, *queued]] == [200, 200, 200]
+        assert send(url).status_code == 200
+        assert requests.get(f"{url}/health", timeout=10).json()["in_flight"] == 0
+
+
+def test_a_reload_while_requests_are_in_flight_fails_none_of_them(monkeypatch):
+    """A request inside v1 and one waiting for a worker when /reload swaps in v2: both finish on
+    v1, the one that arrives after the swap gets v2, and the reload waits for none of them."""
+    v1, v2 = Held(1), Held(2)
+    versions = Versions({"1": v1, "2": v2})
+    with app_server(monkeypatch, versions, inference_workers=1) as url, ThreadPoolExecutor(3) as pool:
+        v1.hold()
+        inside = pool.submit(send, url)
+        v1.entered.get(timeout=30)
+        waiting = pool.submit(send, url)
+        wait_in_flight(url, 2)
+
+        versions.alias = "2"
+        reloaded = requests.post(f"{url}/reload", headers=AUTH, timeout=60)
+        assert reloaded.status_code == 200, reloaded.text
+        assert (reloaded.json()["version"], reloaded.json()["previous_version"]) == ("2", "1")
+        assert not inside.done() and not waiting.done()  # the swap did not wait for them
+        after = pool.submit(send, url)
+        wait_in_flight(url, 3)
+
+        v1.gate.set()
+        answers = [f.result(timeout=60) for f in (inside, waiting, after)]
+        assert [(a.status_code, a.json()["version"]) for a in answers] == [(200, "1"), (200, "1"), (200, "2")]
+
+
+def test_a_failed_reload_keeps_the_old_model_serving(monkeypatch):
+    versions = Versions({"1": Held(1), "2": OSError("weights/model.pt: No such file or directory"),
+                         "3": Failing(3)})
+    with app_server(monkeypatch, versions) as url:
+        for version, cause in (("2", "OSError: weights/model.pt"), ("3", "RuntimeError: mat1 and mat2")):
+            versions.alias = version
+            failed = requests.post(f"{url}/reload", headers=AUTH, timeout=60)
+            assert failed.status_code == 503 and failed.headers["Retry-After"] == "1", failed.text
+            assert cause in failed.json()["detail"] and "still serving v1" in failed.json()["detail"]
+            assert requests.get(f"{url}/health", timeout=10).json()["version"] == "1"
+            assert (send(url).status_code, send(url).json()["version"]) == (200, "1")
+
+        versions.alias = None
+        gone = requests.post(f"{url}/reload", headers=AUTH, timeout=60)
+        assert gone.status_code == 409 and "has no alias 'champion'" in gone.json()["detail"]
+        assert "still serving v1" in gone.json()["detail"]
+
+
+def test_reload_needs_the_servers_token(monkeypatch):
+    versions = Versions({"1": Held(1)})
+    with app_server(monkeypatch, versions, token=None) as url:
+        disabled = requests.post(f"{url}/reload", headers=AUTH, timeout=30)
+        assert disabled.status_code == 403 and RELOAD_TOKEN_ENV in disabled.json()["detail"]
+
+    with app_server(monkeypatch, versions) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                        {"Authorization": "Bearer t\xe4st"}, {"Authorization": TOKEN}):
+            refused = requests.post(f"{url}/reload", headers=headers, timeout=30)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", headers
+            assert "Authorization: Bearer <token>" in refused.json()["detail"]
+        accepted = requests.post(f"{url}/reload", headers=AUTH, timeout=30)
+        assert accepted.status_code == 200 and accepted.json()["previous_version"] == "1"

@@ -9,9 +9,15 @@ The pass is split in phases so a bad source never leaves a half-written dataset 
    ``out_dir`` (PIL releases the GIL, so this scales with cores);
 3. *split*: groups (patients/videos, merged when two images are pixel-identical) are assigned to
    train/val/test by a seeded hash of the group id, so new data never moves an existing group;
-4. *publish*: manifest, fingerprint and report are written and the temp dir is renamed into place.
+4. *publish*: manifest, fingerprint, report (and the de-identified DICOM headers) are written and
+   the temp dir is renamed into place.
 
 Any exception removes the temp dir, so ``out_dir`` either holds a complete dataset or nothing.
+
+A source that holds any DICOM file (or any source, with ``pseudonymize_ids``) is ingested through a
+*pseudonymized view*: links to its files under keyed pseudonyms of their names and folders, and
+its metadata CSV with ids and groups replaced. Everything ingest writes or says — record ids,
+groups, ``source`` paths, skip reasons, error messages — is then built from pseudonyms alone.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from lesionflow.config import IngestConfig
+from lesionflow.data.deid import Pseudonyms
 from lesionflow.data.fingerprint import write_index
 from lesionflow.data.io import (
     IMAGE_EXTS,
@@ -61,10 +68,12 @@ from lesionflow.errors import (
     MaskSizeMismatchError,
     MetadataError,
     OrphanMaskError,
+    PseudonymKeyError,
 )
 from lesionflow.progress import progress
 
 REPORT = "ingest_report.json"
+DICOM_HEADERS = "dicom_headers.jsonl"  # one {"id", "header"} per DICOM record, de-identified
 SPLITS = ("train", "val", "test")
 TRUTHY = {"1", "1.0", "true", "yes"}  # "1.0": pandas writes int columns with gaps as floats
 
@@ -127,8 +136,9 @@ class _Converted:
     width: int
     channels: int
     pixel_sha256: str | None  # None for constant images: they say nothing about a patient
-    pseudonym: str | None
+    patient: str | None  # keyed pseudonym of a DICOM's PatientID
     spacing: tuple[float, float] | None  # (row, column) mm of the stored, possibly scaled image
+    header: dict | None = None  # de-identified DICOM header
 
 
 class _Problems:
@@ -254,21 +264,28 @@ def _read_metadata(cfg: IngestConfig, root: Path, display_root: str) -> dict[str
     path = root / cfg.metadata_csv
     name = f"{display_root}/{cfg.metadata_csv}"
     if not path.is_file():
-        raise MetadataError(f"metadata CSV {name} does not exist")
+        raise MetadataError(f"metadata CSV {name} does not exist (ingest.metadata_csv is relative "
+                            "to the source root; null if there is none)")
     wanted = {k: v for k, v in cfg.columns.model_dump().items() if v is not None}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for key, column in wanted.items():
-            if column not in header:
-                raise MetadataError(f"column {column!r} (columns.{key}) is missing from metadata "
-                                    f"CSV {name}; it has {header}")
-        rows: dict[str, dict[str, str]] = {}
-        for row in reader:
-            record_id = (row[cfg.columns.id] or "").strip()
-            if record_id in rows:
-                raise MetadataError(f"id {record_id!r} appears twice in metadata CSV {name}")
-            rows[record_id] = {k: (row[c] or "").strip() for k, c in wanted.items() if k != "id"}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            for key, column in wanted.items():
+                if column not in header:
+                    raise MetadataError(f"column {column!r} (columns.{key}) is missing from metadata "
+                                        f"CSV {name}; it has {header}")
+            rows: dict[str, dict[str, str]] = {}
+            for row in reader:
+                record_id = (row[cfg.columns.id] or "").strip()
+                if record_id in rows:
+                    raise MetadataError(f"id {record_id!r} appears twice in metadata CSV {name}")
+                rows[record_id] = {k: (row[c] or "").strip() for k, c in wanted.items() if k != "id"}
+    except UnicodeDecodeError as err:
+        raise MetadataError(f"metadata CSV {name} is not UTF-8 text (byte {err.start} of it): save "
+                            "it as UTF-8 CSV") from None
+    except csv.Error as err:
+        raise MetadataError(f"metadata CSV {name} is not a readable CSV: {err}") from None
     return rows
 
 
@@ -351,15 +368,15 @@ def _check_size(record_id: str, image: np.ndarray, mask: np.ndarray | None, item
 
 
 def _emit(record_id: str, image: np.ndarray, mask: np.ndarray | None, out: Path,
-          max_side: int | None, pseudonym: str | None, spacing: tuple[float, float] | None
-          ) -> _Converted:
+          max_side: int | None, patient: str | None, spacing: tuple[float, float] | None,
+          header: dict | None) -> _Converted:
     pixel_sha = _pixel_hash(image)
     h, w = image.shape[:2]
     image, mask = _fit(image, mask, max_side)
     if spacing is not None:  # the same anatomy over fewer pixels: each pixel covers more mm
         spacing = (spacing[0] * h / image.shape[0], spacing[1] * w / image.shape[1])
     return _Converted(
-        id=record_id, pixel_sha256=pixel_sha, pseudonym=pseudonym, spacing=spacing,
+        id=record_id, pixel_sha256=pixel_sha, patient=patient, spacing=spacing, header=header,
         height=image.shape[0], width=image.shape[1], channels=1 if image.ndim == 2 else image.shape[2],
         image_sha256=write_png(image, out / "images" / f"{record_id}.png"),
         mask_sha256=None if mask is None else write_png(
@@ -367,8 +384,10 @@ def _emit(record_id: str, image: np.ndarray, mask: np.ndarray | None, out: Path,
     )
 
 
-def _convert(item: _Item, out: Path, max_side: int | None, axis: int) -> list[_Converted] | IngestError:
+def _convert(item: _Item, out: Path, max_side: int | None, axis: int,
+             pseudonyms: Pseudonyms | None) -> list[_Converted] | IngestError:
     """Decode, check and write one source file; errors are returned so the caller keeps order."""
+    patient = header = None
     try:
         if item.is_volume:
             volume, voxel = read_volume(item.path)
@@ -383,28 +402,30 @@ def _convert(item: _Item, out: Path, max_side: int | None, axis: int) -> list[_C
                      for record_id, k in item.slices]
             # a slice's rows and columns are the two remaining axes, in RAS+ order
             spacing = None if voxel is None else tuple(v for i, v in enumerate(voxel) if i != axis)
-            pseudonym = None
         else:
-            if split_ext(item.path.name)[1] == ".dcm":
-                image, pseudonym, spacing = read_dicom(item.path)
+            if split_ext(item.path.name)[1] == ".dcm":  # a DICOM source always has pseudonyms
+                dicom = read_dicom(item.path, pseudonyms)
+                image, patient, spacing = dicom.image, dicom.patient, dicom.spacing
+                header = dicom.header
             else:
-                image, pseudonym, spacing = read_image(item.path), None, None
+                image, spacing = read_image(item.path), None
             mask = None if item.mask is None else read_mask(item.mask)
             pairs = [(item.slices[0][0], image, mask)]
         for record_id, image, mask in pairs:  # validate everything before writing anything
             _check_size(record_id, image, mask, item)
-        return [_emit(record_id, np.ascontiguousarray(image), mask, out, max_side, pseudonym, spacing)
-                for record_id, image, mask in pairs]
+        return [_emit(record_id, np.ascontiguousarray(image), mask, out, max_side, patient, spacing,
+                      header) for record_id, image, mask in pairs]
     except IngestError as err:
         return err
 
 
-def _convert_all(items: list[_Item], out: Path, cfg: IngestConfig, problems: _Problems
-                 ) -> list[tuple[_Item, _Converted]]:
+def _convert_all(items: list[_Item], out: Path, cfg: IngestConfig, problems: _Problems,
+                 pseudonyms: Pseudonyms | None) -> list[tuple[_Item, _Converted]]:
     results: list[tuple[_Item, _Converted]] = []
     pool = ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2))
     try:
-        outputs = pool.map(lambda it: _convert(it, out, cfg.max_side, cfg.volume_slice_axis), items)
+        outputs = pool.map(
+            lambda it: _convert(it, out, cfg.max_side, cfg.volume_slice_axis, pseudonyms), items)
         for item, output in progress(zip(items, outputs), "ingest", total=len(items)):
             if isinstance(output, IngestError):
                 problems.report(output, item.path)
@@ -501,7 +522,7 @@ def _build_records(converted: list[tuple[_Item, _Converted]], cfg: IngestConfig,
     for item, c in converted:
         f = item.fields[c.id]
         lesion_types[c.id] = f.lesion_type or item.folder.get("lesion_type") or cfg.default_lesion_type
-        groups[c.id] = (f.group or item.folder.get("group") or c.pseudonym
+        groups[c.id] = (f.group or item.folder.get("group") or c.patient
                         or (item.stem if item.is_volume else c.id))
         hashes[c.id] = c.pixel_sha256
     final_group, merged = _union_groups(groups, hashes)
@@ -544,16 +565,94 @@ def _check_out_dir(out_dir: Path) -> None:
         raise IngestError(str(err)) from None
 
 
-def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | None = None
-           ) -> IngestReport:
-    """Build the canonical dataset for ``cfg.source`` in ``out_dir`` (absent or empty)."""
+def _holds_dicom(cfg: IngestConfig, root: Path) -> bool:
+    return any(split_ext(p.name)[1] == ".dcm"
+               for folder in {root / cfg.images_dir, root / cfg.masks_dir} for p in _files(folder))
+
+
+def _pseudonymized_view(cfg: IngestConfig, root: Path, view: Path, pseudonyms: Pseudonyms) -> Path:
+    """Links to the source's images and masks under pseudonyms of their folder names and stems (a
+    mask keeps its ``mask_suffix``, a ``lesion_type`` folder its name), and the metadata CSV with
+    its ids and groups replaced by the same pseudonyms, so every id still finds its file."""
+    volume_stems: set[str] = set()
+    for top in dict.fromkeys((cfg.images_dir, cfg.masks_dir)):
+        folder = root / top
+        for path in _files(folder):
+            stem, ext = split_ext(path.name)
+            if ext not in IMAGE_EXTS + VOLUME_EXTS:
+                continue
+            if ext in VOLUME_EXTS:
+                volume_stems.add(stem)
+            parts = path.relative_to(folder).parent.parts
+            fields = cfg.folder_fields if len(parts) == len(cfg.folder_fields) else []
+            dirs = [p if f == "lesion_type" else pseudonyms.name(p)
+                    for p, f in zip(parts, fields or [None] * len(parts))]
+            suffix = cfg.mask_suffix
+            if top == cfg.masks_dir and suffix and stem.endswith(suffix):
+                name = pseudonyms.name(stem[: -len(suffix)]) + suffix + ext
+            else:
+                name = pseudonyms.name(stem) + ext
+            link = view.joinpath(top, *dirs, name)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():  # a file under both folders (one nested in the other)
+                link.symlink_to(path)
+    if cfg.metadata_csv is not None and (root / cfg.metadata_csv).is_file():
+
+        def record_id(value: str) -> str:
+            slice_of = re.fullmatch(r"(.+)(_s\d{3})", value)
+            if slice_of and slice_of.group(1) in volume_stems:
+                return pseudonyms.name(slice_of.group(1)) + slice_of.group(2)
+            return pseudonyms.name(value) if value else value
+
+        replace = {cfg.columns.id: record_id}
+        if cfg.columns.group is not None:
+            replace[cfg.columns.group] = lambda v: pseudonyms.name(v) if v else v
+        target = view / cfg.metadata_csv
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(root / cfg.metadata_csv, newline="", encoding="utf-8-sig") as src, \
+                    open(target, "w", newline="", encoding="utf-8") as dst:
+                reader = csv.DictReader(src)
+                writer = csv.DictWriter(dst, fieldnames=reader.fieldnames or [])
+                writer.writeheader()
+                for row in reader:
+                    writer.writerow({k: replace[k]((v or "").strip()) if k in replace else v
+                                     for k, v in row.items()})
+        except (UnicodeDecodeError, csv.Error):  # linked as it is: reading it names the problem
+            target.unlink()
+            target.symlink_to(root / cfg.metadata_csv)
+    return view
+
+
+def _write_headers(dataset_dir: Path, converted: list[tuple[_Item, _Converted]]) -> None:
+    headers = sorted((c.id, c.header) for _, c in converted if c.header is not None)
+    if headers:
+        (dataset_dir / DICOM_HEADERS).write_text("".join(
+            json.dumps({"id": i, "header": h}, sort_keys=True) + "\n" for i, h in headers))
+
+
+def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | None = None,
+           key: bytes | None = None) -> IngestReport:
+    """Build the canonical dataset for ``cfg.source`` in ``out_dir`` (absent or empty). ``key``
+    (``deid.load_key``) keys the pseudonyms a DICOM source, or ``pseudonymize_ids``, needs."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     display_root = cfg.source.rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="lesionflow-source-") as staging:
+    with tempfile.TemporaryDirectory(prefix="lesionflow-source-") as staging, \
+            tempfile.TemporaryDirectory(prefix="lesionflow-view-") as view:
         root = materialize_source(cfg.source, endpoint_url, Path(staging)).resolve()
         if not cfg.source.startswith("s3://"):
             display_root = str(root)
+        pseudonyms = None
+        if cfg.pseudonymize_ids or _holds_dicom(cfg, root):
+            if key is None:
+                raise PseudonymKeyError(
+                    f"ingest source {display_root} needs pseudonyms (it holds DICOM files, or "
+                    "ingest.pseudonymize_ids is true) but no key was given: pass "
+                    "key=lesionflow.data.deid.load_key(workdir)")
+            pseudonyms = Pseudonyms(key)
+            root = _pseudonymized_view(cfg, root, Path(view).resolve(), pseudonyms)
+            display_root += " (pseudonymized)"
         problems = _Problems(cfg.on_error, root, display_root)
         try:
             items, known = _plan(cfg, root, problems)
@@ -564,7 +663,7 @@ def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | N
 
         _check_out_dir(out_dir)
         with staged_dataset(out_dir) as tmp:
-            converted = _convert_all(items, tmp, cfg, problems)
+            converted = _convert_all(items, tmp, cfg, problems, pseudonyms)
             if not converted:
                 raise EmptySourceError(f"every file of ingest source {display_root} was skipped: "
                                        + "; ".join(s["reason"] for s in problems.skipped[:3]))
@@ -581,5 +680,6 @@ def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | N
                 merged_groups=merged,
             )
             write_index(tmp, records)
+            _write_headers(tmp, converted)
             (tmp / REPORT).write_text(json.dumps(report.model_dump(), indent=2, sort_keys=True) + "\n")
     return report

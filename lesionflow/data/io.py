@@ -2,16 +2,21 @@
 pixel spacing in mm where the file states it.
 
 Everything downstream (training, evaluation, serving) only ever sees 8-bit PNGs, so format quirks
-— 16-bit TIFFs, DICOM rescale/windowing, NIfTI/NRRD volumes and their orientation, palette or
-RGBA masks — are resolved here, once. DICOM headers are de-identified as soon as they are read so
-no patient identifier can travel further than this module; the only thing that leaves is a one-way
-pseudonym.
+— 16-bit TIFFs, DICOM rescale/windowing and compressed transfer syntaxes (JPEG lossless, JPEG-LS,
+JPEG 2000 decode through pylibjpeg's plugins), NIfTI/NRRD volumes and their orientation, palette
+or RGBA masks — are resolved here, once. DICOM headers are de-identified (``deid``) as soon as
+they are read, so no patient identifier travels further than this module; a file that says its
+pixels carry burned-in text is refused.
+
+Only what the decoder libraries raise for a bad file becomes ``UnreadableImageError``; any other
+exception is a bug here and propagates instead of being reported as a skipped file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,31 +25,24 @@ import pydicom
 import tifffile
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from lesionflow.errors import UnreadableImageError
+from lesionflow.data.deid import Pseudonyms, deidentify, header_json
+from lesionflow.errors import BurnedInAnnotationError, UnreadableImageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".dcm")
 VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd")
 LOSSY_EXTS = (".jpg", ".jpeg")
 
-# Attributes that identify a patient, a clinician, an institution or an encounter (after DICOM PS3.15
-# Annex E, basic profile, restricted to what can appear in the images we read).
-PHI_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
-    "PatientSex", "PatientAge", "PatientAddress", "PatientTelephoneNumbers", "PatientComments",
-    "PatientMotherBirthName", "PatientBirthName", "PatientInsurancePlanCodeSequence",
-    "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "MedicalRecordLocator",
-    "MilitaryRank", "BranchOfService", "EthnicGroup", "Occupation", "CountryOfResidence",
-    "RegionOfResidence", "AdditionalPatientHistory", "ResponsiblePerson", "PatientWeight",
-    "PatientSize", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
-    "OperatorsName", "RequestingPhysician", "ScheduledPerformingPhysicianName",
-    "AccessionNumber", "StudyID", "StationName", "DeviceSerialNumber", "RequestAttributesSequence",
-    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "AcquisitionDateTime",
-    "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
-)
+# What each decoder raises for a file it cannot read (PIL reports bad formats as SyntaxError;
+# pydicom reports corrupt headers as TypeError too, and missing image attributes as AttributeError,
+# which is why its calls sit in the smallest possible try blocks).
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+TIFF_ERRORS = (OSError, ValueError, EOFError)  # tifffile.TiffFileError is a ValueError
+DICOM_ERRORS = (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError,
+                RuntimeError, struct.error, AttributeError, TypeError)
+VOLUME_ERRORS = (OSError, ValueError, EOFError, zlib.error)  # + nibabel's and pynrrd's own, below
 
 
 def split_ext(name: str) -> tuple[str, str]:
@@ -74,7 +72,7 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _channels_last(arr: np.ndarray) -> np.ndarray:
+def _channels_last(arr: np.ndarray, path: Path) -> np.ndarray:
     """HxW or HxWxC. Planar TIFFs come as CxHxW; an alpha channel is dropped (it carries no
     anatomy, and BUSI-style RGBA masks keep the lesion in RGB with alpha 255 everywhere)."""
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
@@ -86,7 +84,7 @@ def _channels_last(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[..., :3]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
-        raise ValueError(f"unsupported pixel array shape {arr.shape}")
+        raise UnreadableImageError(f"cannot use {path}: unsupported pixel array shape {arr.shape}")
     return arr
 
 
@@ -108,24 +106,32 @@ def _read_pil(path: Path, for_mask: bool) -> np.ndarray:
 def _read_raw(path: Path, for_mask: bool) -> np.ndarray:
     """Pixel values as stored (no scaling), channels last."""
     ext = split_ext(path.name)[1]
-    try:
-        if ext == ".dcm":
-            arr = pydicom.dcmread(path).pixel_array
-        elif ext in (".tif", ".tiff"):
+    if ext == ".dcm":
+        ds = _open_dicom(path)
+        arr = _decode(lambda: ds.pixel_array, path, DICOM_ERRORS)
+    elif ext in (".tif", ".tiff"):
+        def first_page() -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
-                arr = tif.pages[0].asarray()
-        else:
-            arr = _read_pil(path, for_mask)
-        return _channels_last(np.asarray(arr))
-    except Exception as err:  # any decoder failure is the same user-facing problem
-        raise UnreadableImageError(f"cannot decode {path}: {err}") from None
+                return tif.pages[0].asarray()
+        arr = _decode(first_page, path, TIFF_ERRORS)
+    else:
+        arr = _decode(lambda: _read_pil(path, for_mask), path, PIL_ERRORS)
+    return _channels_last(np.asarray(arr), path)
+
+
+def _decode(read, path: Path, errors: tuple[type[BaseException], ...], what: str = "decode"):
+    """``read()``; the decoder's own errors for a bad file become ``UnreadableImageError``."""
+    try:
+        return read()
+    except errors as err:
+        raise UnreadableImageError(f"cannot {what} {path}: {type(err).__name__}: {err}") from None
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """HxW (grayscale) or HxWx3 uint8; deeper bit depths are min-max scaled to 8 bits."""
     path = Path(path)
     if split_ext(path.name)[1] == ".dcm":
-        return read_dicom(path)[0]
+        return _dicom_to_uint8(_open_dicom(path), path)
     return to_uint8(_read_raw(path, for_mask=False))
 
 
@@ -141,33 +147,44 @@ def read_mask(path: str | Path) -> np.ndarray:
     return lesion.any(axis=2) if lesion.ndim == 3 else lesion
 
 
-def pseudonym(patient_id: str) -> str:
-    """Stable group id for a patient that does not reveal the patient id."""
-    return "p-" + hashlib.sha256(patient_id.encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class DicomImage:
+    """What ingest keeps of a DICOM file: pixels, and header facts that identify no one."""
+
+    image: np.ndarray  # uint8, windowed
+    patient: str | None  # keyed pseudonym of PatientID: groups a patient's files for the splits
+    spacing: tuple[float, float] | None  # (row, column) mm
+    header: dict  # the de-identified header, DICOM JSON without binary values
 
 
-def deidentify(ds: Dataset) -> Dataset:
-    """Remove identifying attributes and all private tags, in place and in nested sequences."""
-    for elem in list(ds):
-        if elem.VR == "SQ":
-            for item in elem.value:
-                deidentify(item)
-    for keyword in PHI_KEYWORDS:
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.remove_private_tags()
+def _open_dicom(path: Path) -> Dataset:
+    """Read and parse every element now (pydicom parses lazily), so a corrupt header fails here as
+    a bad file and not later inside this module's code; refuse burned-in annotations."""
+    def parse() -> Dataset:
+        ds = pydicom.dcmread(path)
+        for _ in ds.iterall():
+            pass
+        return ds
+
+    ds = _decode(parse, path, DICOM_ERRORS)
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        raise BurnedInAnnotationError(
+            f"{path} says BurnedInAnnotation YES: patient text in the pixels survives any header "
+            "clean-up; leave it out of the source, or blank the text and set BurnedInAnnotation NO "
+            "(ingest.on_error: skip skips it and lists it in the report)")
     return ds
 
 
-def _dicom_to_uint8(ds: Dataset) -> np.ndarray:
-    arr = ds.pixel_array
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise ValueError("multi-frame DICOM is not supported; export frames as separate files")
+def _dicom_to_uint8(ds: Dataset, path: Path) -> np.ndarray:
+    arr = _decode(lambda: ds.pixel_array, path, DICOM_ERRORS)  # also checks NumberOfFrames
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise UnreadableImageError(f"cannot use {path}: multi-frame DICOM is not supported; export "
+                                   "frames as separate files")
     if getattr(ds, "SamplesPerPixel", 1) != 1:
-        return to_uint8(_channels_last(arr))  # colour: pixel_array is already RGB
-    values = apply_modality_lut(arr, ds)
+        return to_uint8(_channels_last(arr, path))  # colour: pixel_array is already RGB
+    values = _decode(lambda: apply_modality_lut(arr, ds), path, DICOM_ERRORS)
     if "VOILUTSequence" in ds:
-        values = to_uint8(apply_voi_lut(values, ds))
+        values = to_uint8(_decode(lambda: apply_voi_lut(values, ds), path, DICOM_ERRORS))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         # DICOM linear windowing straight to 0..255, so the window bounds (not the image's own
         # extremes) define black and white, as on a radiology workstation
@@ -201,18 +218,16 @@ def _dicom_spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def read_dicom(path: str | Path) -> tuple[np.ndarray, str | None, tuple[float, float] | None]:
-    """(uint8 image, patient pseudonym or None, pixel spacing or None). The header is de-identified
-    before anything else sees it; the raw PatientID is used only to derive the pseudonym."""
+def read_dicom(path: str | Path, pseudonyms: Pseudonyms) -> DicomImage:
+    """Decode a DICOM image; its header is de-identified before anything else reads it, and the
+    raw PatientID is used only to derive the keyed pseudonym."""
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path)
-        patient_id = str(ds.get("PatientID", "") or "").strip()
-        deidentify(ds)
-        image = _dicom_to_uint8(ds)
-    except Exception as err:
-        raise UnreadableImageError(f"cannot decode DICOM {path}: {err}") from None
-    return image, (pseudonym(patient_id) if patient_id else None), _dicom_spacing(ds)
+    ds = _open_dicom(path)
+    patient_id = str(ds.get("PatientID", "") or "").strip()
+    deidentify(ds, pseudonyms)
+    image = _dicom_to_uint8(ds, path)
+    return DicomImage(image=image, patient=pseudonyms.name(patient_id) if patient_id else None,
+                      spacing=_dicom_spacing(ds), header=header_json(ds))
 
 
 # NRRD's anatomical spaces (full names and abbreviations) as the signs that turn their axes into
@@ -294,24 +309,26 @@ def _nrrd_geometry(header: dict) -> _Geometry:
 
 
 def _load_volume(path: Path, with_data: bool) -> tuple[_Geometry, np.ndarray | None]:
-    try:
-        if split_ext(path.name)[1] == ".nrrd":
-            import nrrd
+    what = "decode volume" if with_data else "read volume header of"
+    if split_ext(path.name)[1] == ".nrrd":
+        import nrrd
 
-            if with_data:
-                data, header = nrrd.read(str(path))
-            else:
-                data, header = None, nrrd.read_header(str(path))
-            geometry = _nrrd_geometry(header)
-        else:
-            import nibabel
+        def read():
+            return nrrd.read(str(path)) if with_data else (None, nrrd.read_header(str(path)))
 
-            img = nibabel.load(str(path))
-            geometry = _nifti_geometry(img)
-            data = np.asanyarray(img.dataobj) if with_data else None
-    except Exception as err:
-        what = "decode volume" if with_data else "read volume header of"
-        raise UnreadableImageError(f"cannot {what} {path}: {err}") from None
+        data, header = _decode(read, path, VOLUME_ERRORS + (nrrd.NRRDError,), what)
+        geometry = _nrrd_geometry(header)
+    else:
+        import nibabel
+        from nibabel.filebasedimages import ImageFileError
+        from nibabel.spatialimages import HeaderDataError
+
+        errors = VOLUME_ERRORS + (ImageFileError, HeaderDataError)
+        img = _decode(lambda: nibabel.load(str(path)), path, errors, what)
+        geometry = _nifti_geometry(img)
+        data = None
+        if with_data:
+            data = _decode(lambda: np.asanyarray(img.dataobj), path, errors, what)
     geometry.check(path)
     return geometry, data
 

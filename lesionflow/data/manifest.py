@@ -31,7 +31,9 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lesionflow.errors import DatasetError
 
 MANIFEST = "manifest.jsonl"
 FINGERPRINT = "fingerprint.json"
@@ -145,7 +147,18 @@ def write_manifest(dataset_dir: Path, records: list[Record]) -> None:
 
 def read_manifest(dataset_dir: str | Path) -> list[Record]:
     path = Path(dataset_dir) / MANIFEST
-    return [Record.model_validate_json(line) for line in path.read_text().splitlines() if line]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = "is missing" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
+        raise DatasetError(f"{dataset_dir} is not a canonical dataset: its {MANIFEST} {reason}; "
+                           "name a folder `lesionflow ingest --out` wrote") from None
+    try:
+        return [Record.model_validate_json(line) for line in lines if line]
+    except ValidationError as err:
+        raise DatasetError(f"{path} is malformed ({err.error_count()} problem(s), first: "
+                           f"{err.errors()[0]['msg']}); rebuild the dataset with `lesionflow ingest`"
+                           ) from None
 
 
 def read_fingerprint(dataset_dir: str | Path) -> dict:

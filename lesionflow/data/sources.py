@@ -12,6 +12,9 @@ from pathlib import Path, PurePosixPath
 
 from lesionflow.errors import EmptySourceError, IngestError
 
+_S3_HINT = ("Check ingest.source, runtime.s3_endpoint_url (for S3-compatible stores) and the "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment")
+
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` → ``("bucket", "a/b/")``; the trailing slash stops ``a/b`` from also
@@ -48,7 +51,7 @@ def _download_prefix(url: str, endpoint_url: str | None, staging: Path) -> Path:
             if not obj["Key"].endswith("/")  # "folder" marker objects hold no data
         ]
     except (BotoCoreError, ClientError) as err:
-        raise IngestError(f"cannot list ingest source {url}: {err}") from None
+        raise IngestError(f"cannot list ingest source {url}: {err}. {_S3_HINT}") from None
     if not keys:
         raise EmptySourceError(f"ingest source {url} holds no objects")
 
@@ -66,7 +69,7 @@ def _download_prefix(url: str, endpoint_url: str | None, staging: Path) -> Path:
         try:
             client.download_file(bucket, key, str(dest))
         except (BotoCoreError, ClientError) as err:
-            raise IngestError(f"cannot download s3://{bucket}/{key}: {err}") from None
+            raise IngestError(f"cannot download s3://{bucket}/{key}: {err}. {_S3_HINT}") from None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(fetch, targets))

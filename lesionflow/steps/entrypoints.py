@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import mlflow
 
-from lesionflow import config, lease, lineage, tracking
+from lesionflow import config, lease, lineage, services, tracking
 from lesionflow.config import Params
+from lesionflow.errors import LesionflowError, TrackingUnavailableError
 from lesionflow.steps import evaluate as evaluate_step
 from lesionflow.steps import ingest as ingest_step
 from lesionflow.steps import meta_train as meta_train_step
@@ -31,6 +33,21 @@ from lesionflow.steps import synthesize_video as synthesize_video_step
 from lesionflow.steps.train import init_version
 
 PIPELINE_LEASE = "pipeline"  # one training pipeline run per model at a time, ingest → register
+# Set by ``run_local``: the file a failing step writes its named error to, because kfp.local itself
+# only says which task failed (the steps are subprocesses). Unset on a cluster: nothing is written.
+ERROR_REPORT_ENV = "LESIONFLOW_STEP_ERROR_FILE"
+
+
+@contextmanager
+def reported(step: str) -> Iterator[None]:
+    """Pass a step's ``LesionflowError`` on to ``run_local`` (class, message, step), re-raised."""
+    try:
+        yield
+    except LesionflowError as err:
+        if target := os.environ.get(ERROR_REPORT_ENV):
+            Path(target).write_text(json.dumps({"step": step, "type": type(err).__name__,
+                                                "message": str(err)}))
+        raise
 
 
 @contextmanager
@@ -39,17 +56,26 @@ def step_context(params_json: str, step: str, pipeline_run_id: str) -> Iterator[
     first step to the end of register (re-entrant across the steps' processes and pods, renewed
     while a step runs), released when a step fails (the run is over), and expires if the run is
     killed: two runs never train, register and move ``champion`` for one model at the same time."""
-    params = config.from_json(params_json)
-    cfg = params.registry
-    tracking.connect(params)  # the lease lives on the tracking server
-    with lease.held(params.runtime.model_name, PIPELINE_LEASE, pipeline_run_id, ttl=cfg.lease_seconds,
-                    wait=cfg.lease_wait_seconds, release=step == "register") as held:
-        try:
-            with tracking.step_run(params, step, pipeline_run_id):
-                yield params
-        except BaseException:
-            held.release()
-            raise
+    with reported(step):
+        params = config.from_json(params_json)
+        cfg = params.registry
+        tracking.connect(params)  # the lease lives on the tracking server
+        with lease.held(params.runtime.model_name, PIPELINE_LEASE, pipeline_run_id,
+                        ttl=cfg.lease_seconds, wait=cfg.lease_wait_seconds,
+                        release=step == "register") as held:
+            if held.took_over:  # their runs were killed mid-step: say so in the UI
+                tracking.end_runs_of_dead_pipelines(params, held.took_over)
+            try:
+                with tracking.step_run(params, step, pipeline_run_id):
+                    yield params
+            except BaseException as err:
+                with suppress(Exception):  # an outage may be why the step failed
+                    held.release()
+                uri = params.runtime.tracking_uri()
+                if not isinstance(err, LesionflowError) and (problem := services.tracking_problem(uri)):
+                    raise TrackingUnavailableError(services.tracking_unavailable_message(
+                        uri, problem, params.runtime.service_wait_seconds)) from err
+                raise
 
 
 def ingest(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str) -> dict:
@@ -128,4 +154,5 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
         "test_metrics": evaluation.candidate.table,
         "fps": evaluation.candidate.fps,
         "tracking_uri": mlflow.get_tracking_uri(),
+        "recovered": outcome.recovered,
     })

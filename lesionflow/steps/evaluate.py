@@ -20,7 +20,7 @@ from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.data.manifest import Record, read_manifest
 from lesionflow.data.transforms import load_image, load_mask
-from lesionflow.errors import GateError, RegistryError
+from lesionflow.errors import EmptySplitError, GateError, RegistryError
 from lesionflow.lineage import (
     RECORDS_ARTIFACT,
     RECORDS_FILE,
@@ -160,10 +160,18 @@ def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.
 
 
 def select(records: list[Record], split: str) -> list[Record]:
-    """Labelled records of one split, or of every split with ``split="all"`` (cross-dataset use)."""
+    """Labelled records of one split, or of every split with ``split="all"`` (cross-dataset use);
+    none is an ``EmptySplitError``: there is nothing to score."""
     if split == "all":
-        return [r for s in ("train", "val", "test") for r in labelled(records, s)]
-    return labelled(records, split)
+        chosen = [r for s in ("train", "val", "test") for r in labelled(records, s)]
+    else:
+        chosen = labelled(records, split)
+    if not chosen:
+        where = "at all" if split == "all" else f"in its {split!r} split"
+        fix = ("" if split == "all" else f"give ingest.split.{split} a share > 0 (or more groups), "
+               "or ")
+        raise EmptySplitError(f"the dataset has no labelled records {where}: {fix}add labelled images")
+    return chosen
 
 
 def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
@@ -171,8 +179,6 @@ def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
     """Score the candidate on ``split``, and candidate and champion (if any) on the records of
     it that neither has seen; log tables and overlays."""
     records = select(read_manifest(dataset_dir), split)
-    if not records:
-        raise ValueError(f"no labelled records in the {split!r} split of {dataset_dir}")
     cfg = params.evaluate
     candidate = score_model(load_model(model_dir), dataset_dir, records, cfg.threshold,
                             overlays=cfg.n_overlays)

@@ -12,6 +12,7 @@ from lesionflow import corrections, lineage
 from lesionflow.config import MetadataColumns, Params
 from lesionflow.corrections import CorrectionsVersion
 from lesionflow.data import synthetic
+from lesionflow.data.deid import load_key
 from lesionflow.data.ingest import IngestReport, ingest
 from lesionflow.data.manifest import FINGERPRINT
 from lesionflow.versioning import DatasetVersion, version_dataset
@@ -26,23 +27,27 @@ class IngestOutcome:
 
 def build_dataset(params: Params, out_dir: Path) -> IngestReport:
     """Write the canonical dataset; ``source: synthetic`` first renders the synthetic source
-    folder and then goes through exactly the same generic ingestion as user data."""
+    folder and then goes through exactly the same generic ingestion as user data. The pseudonym
+    key is resolved first, so a cluster run without one stops before reading anything."""
     cfg = params.ingest
+    key = load_key(params.runtime.resolved_workdir())
     if cfg.source != "synthetic":
-        return ingest(cfg, out_dir, seed=params.seed, endpoint_url=params.runtime.s3_endpoint_url)
+        return ingest(cfg, out_dir, seed=params.seed, endpoint_url=params.runtime.s3_endpoint_url,
+                      key=key)
     with tempfile.TemporaryDirectory(prefix="lesionflow-synthetic-") as tmp:
         root = synthetic.make_synthetic_source(params.synthetic, Path(tmp), params.seed)
         cfg = cfg.model_copy(update={
             "source": str(root), "metadata_csv": synthetic.METADATA_CSV,
             "columns": MetadataColumns(**synthetic.COLUMNS), "folder_fields": []})
-        return ingest(cfg, out_dir, seed=params.seed)
+        return ingest(cfg, out_dir, seed=params.seed, key=key)
 
 
 def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
     """DVC-version a finished dataset, push it, and put its identity in the active MLflow run."""
     version = version_dataset(dataset_dir, remote=params.runtime.remote(),
                               endpoint_url=params.runtime.s3_endpoint_url,
-                              workspace=params.runtime.resolved_workdir() / "dvc-workspace")
+                              workspace=params.runtime.resolved_workdir() / "dvc-workspace",
+                              retry_seconds=params.runtime.service_wait_seconds)
     mlflow.set_tag(lineage.TAG_DATASET_MD5, version.md5)
     mlflow.log_param("dvc.remote", version.remote)
     mlflow.log_artifact(str(dataset_dir / FINGERPRINT))

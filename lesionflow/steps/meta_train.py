@@ -17,6 +17,7 @@ import mlflow
 
 from lesionflow.config import Params
 from lesionflow.data.manifest import TRUSTED_KINDS, Record, read_manifest
+from lesionflow.errors import ConfigError, EmptySplitError
 from lesionflow.lineage import RECORDS_FILE
 from lesionflow.losses import dice_bce_loss
 from lesionflow.meta import MetaResult, Pool, Task, meta_train
@@ -91,6 +92,11 @@ def _train_one(params: Params, dataset_dir: Path, records: list[Record], val_rec
                ) -> tuple[Segmenter, MetaResult, dict[str, dict[str, int]]]:
     model = new_segmenter(params, dataset_dir, lesion_type)
     tasks, pools = build_tasks(params, dataset_dir, records, model)
+    if params.meta_train.query_from == "other_task" and len(tasks) < 2:
+        raise ConfigError(f"meta_train.query_from: other_task needs two tasks, but the train records"
+                          f"{' of ' + lesion_type if lesion_type else ''} form one "
+                          f"({', '.join(pools)}; meta_train.task_by: {params.meta_train.task_by}): "
+                          "set meta_train.query_from: same_task, or task_by: group")
     validation = SegmentationDataset(dataset_dir, val_records, model) if val_records else None
     cfg = params.train
 
@@ -125,6 +131,9 @@ def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
     seed_everything(params.seed, params.train.deterministic)
     manifest = read_manifest(dataset_dir)
     records, val_records = labelled(manifest, "train"), labelled(manifest, "val")
+    if not records:
+        raise EmptySplitError("the train split has no labelled records to train on: give "
+                              "ingest.split.train a share > 0 (or more groups), or add labelled images")
     write_training_records(out_dir, records + val_records)
     if not mcfg.enabled:
         train(params, dataset_dir, out_dir)

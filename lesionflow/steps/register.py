@@ -12,9 +12,6 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import mlflow
-from mlflow import MlflowClient
-
 from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.lineage import (
@@ -24,6 +21,7 @@ from lesionflow.lineage import (
     PARAMS_ARTIFACT,
     RECORDS_ARTIFACT,
     RECORDS_FILE,
+    REGISTRATION_PENDING,
     TAG_GATE,
     TAG_GATE_N,
     TAG_GATE_REASON,
@@ -31,6 +29,7 @@ from lesionflow.lineage import (
     TAG_PARAMS_HASH,
     TAG_PARENT_VERSION,
     TAG_PIPELINE_RUN_ID,
+    TAG_REGISTRATION,
 )
 from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import Evaluation
@@ -43,6 +42,7 @@ class RegisterOutcome:
     reason: str
     champion: str | None
     gate: dict
+    recovered: list[str]  # what an earlier, killed register left behind and this one repaired
 
 
 def gate_record(params: Params, evaluation: Evaluation, decision: registry.GateDecision) -> dict:
@@ -64,7 +64,11 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: d
                              comparison.champion if comparison else None, metric=cfg.gate_metric,
                              tolerance=cfg.tolerance, max_type_drop=cfg.max_type_drop,
                              min_type_records=cfg.min_type_records)
+    recovered = registry.recover(name)  # under the pipeline lease: no register runs beside us
     record = gate_record(params, evaluation, decision)
+    gate_tags = {TAG_GATE: record["decision"], TAG_GATE_REASON: decision.reason[:4000],
+                 TAG_GATE_N: str(comparison.n if comparison else 0),
+                 TAG_GATE_RECORD_SET: comparison.record_set if comparison else NONE}
     metrics = {f"{evaluation.split}_{k}": v for k, v in evaluation.candidate.table["overall"].items()
                if math.isfinite(v)}
     version = registry.register_model(
@@ -74,19 +78,14 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: d
         artifacts={PARAMS_ARTIFACT: params.model_dump(mode="json"),
                    RECORDS_ARTIFACT: json.loads((model_dir / RECORDS_FILE).read_text()),
                    EVALUATION_ARTIFACT: {"split": evaluation.split, "table": evaluation.candidate.table},
-                   GATE_ARTIFACT: record})
-    gate_tags = {TAG_GATE: record["decision"], TAG_GATE_REASON: decision.reason[:4000],
-                 TAG_GATE_N: str(comparison.n if comparison else 0),
-                 TAG_GATE_RECORD_SET: comparison.record_set if comparison else NONE}
-    client = MlflowClient()
-    for key, value in gate_tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    mlflow.set_tags(gate_tags)
+                   GATE_ARTIFACT: record},
+        decision_tags={**gate_tags, TAG_REGISTRATION: REGISTRATION_PENDING})
     registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
     if decision.promote:
         registry.move_alias(name, "champion", version, why=decision.reason, action="promote",
                             gate_record=record)
     else:
         registry.record_refusal(name, version, why=decision.reason, gate_record=record)
+    registry.finish_registration(name, version)
     return RegisterOutcome(version, decision.promote, decision.reason, registry.champion_version(name),
-                           record)
+                           record, recovered)

@@ -9,7 +9,7 @@ import mlflow
 from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.data.manifest import read_fingerprint, read_manifest
-from lesionflow.errors import WarmStartError
+from lesionflow.errors import EmptySplitError, WarmStartError
 from lesionflow.meta import sample_weights
 from lesionflow.models import build_model
 from lesionflow.models.router import LesionTypeRouter
@@ -144,6 +144,10 @@ def learning_curves(result: FitResult):
 def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
     """Fit on ``train``, select on ``val``, save the model to ``out_dir``; log to the active run."""
     records = read_manifest(dataset_dir)
+    if not labelled(records, "val"):
+        raise EmptySplitError("plain training (meta_train.enabled: false) keeps the epoch with the best "
+                              "validation Dice, but the val split has no labelled records: give "
+                              "ingest.split.val a share > 0 (or more groups)")
     model = new_segmenter(params, dataset_dir)
     train_records = labelled(records, "train")
     weights = sample_weights([r.kind for r in train_records], params.meta_train.correction_weight)

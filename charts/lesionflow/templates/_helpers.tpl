@@ -99,6 +99,29 @@ capabilities:
 {{- end }}
 {{- end -}}
 
+{{/* Serving's /reload token; optional in the Secret, since without it only /reload is off. */}}
+{{- define "lesionflow.reloadTokenEnv" -}}
+{{- with .Values.secrets.existingSecret }}
+- name: LESIONFLOW_RELOAD_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.reloadTokenKey }}
+      optional: true
+{{- end }}
+{{- end -}}
+
+{{/* The pseudonymization key; required: pseudonyms made without it would not match the pipeline's. */}}
+{{- define "lesionflow.pseudonymKeyEnv" -}}
+{{- with .Values.secrets.existingSecret }}
+- name: LESIONFLOW_PSEUDONYM_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.pseudonymKeyKey }}
+{{- end }}
+{{- end -}}
+
 {{/* What an MLflow client needs: the tracking URI and, if named, basic-auth from a Secret. */}}
 {{- define "lesionflow.mlflowClientEnv" -}}
 - name: MLFLOW_TRACKING_URI
