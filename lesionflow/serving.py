@@ -44,6 +44,7 @@ import binascii
 import hmac
 import json
 import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ from fastapi.responses import PlainTextResponse
 from lesionflow import registry
 from lesionflow.config import ServeConfig
 from lesionflow.errors import (
+    ConfigError,
     ImageSizeError,
     InvalidImageError,
     RegistryError,
@@ -307,9 +309,23 @@ def serve(name: str, ref: str, cfg: ServeConfig, host: str, port: int) -> None:
     stopped; the reload token comes from the environment (a Secret on Kubernetes)."""
     import uvicorn
 
+    listener = _listen(host, port)  # before the model loads: a busy port is reported at once
     token = os.environ.get(RELOAD_TOKEN_ENV, "").strip() or None  # a Secret made from a file ends in \n
     app = create_app(name, ref, cfg, reload_token=token)
     reload_note = "POST /reload" if token else f"POST /reload disabled (set {RELOAD_TOKEN_ENV})"
-    print(f"serving {name}@{ref} (v{app.state.slot.current.version}) on http://{host}:{port}: "
-          f"POST /predict, GET /health, {reload_note}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    print(f"serving {name}@{ref} (v{app.state.slot.current.version}) on "
+          f"http://{host}:{listener.getsockname()[1]}: POST /predict, GET /health, {reload_note}", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError as err:
+        raise ConfigError(f"cannot serve on {host}:{port}: {err.strerror or err}. Pick another --port "
+                          "(serve.port) or stop what listens there, or check --host (serve.host)") from None
+    return listener

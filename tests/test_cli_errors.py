@@ -316,8 +316,6 @@ def test_an_unreachable_kfp_endpoint_is_named(outside, capsys):
     assert_named(rc, err, ServiceUnavailableError, "the KFP endpoint", "check --host")
 
 
-@pytest.mark.xfail(strict=True, reason="lesionflow/serving.py serve(): uvicorn.run logs "
-                   "'address already in use' and raises SystemExit instead of a named error")
 def test_serve_on_a_port_in_use_is_named(store, outside, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
