@@ -106,7 +106,8 @@ def add(params: Params, source: str, *, model_version: str | None = None,
 
         holder = (f"corrections add by {reviewer} on {socket.gethostname()} pid {os.getpid()} "
                   f"({uuid.uuid4().hex[:8]})")
-        with lease.held(name, LEASE, holder, ttl=LEASE_TTL, wait=LEASE_WAIT) as held:
+        with lease.held(name, LEASE, holder, ttl=LEASE_TTL, wait=LEASE_WAIT,
+                        owner=lease.process_identity()) as held:  # killed: taken over at once
             previous = latest(params)
             merged = tmp / "corrections"
             with staged_dataset(merged) as stage:

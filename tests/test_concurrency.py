@@ -48,7 +48,8 @@ while args["barrier"] and not os.path.exists(args["barrier"]):
 for wait, hold in args["rounds"]:
     try:
         with lease.held(args["model"], args["resource"], args["holder"], ttl=args["ttl"], wait=wait,
-                        release=args["release"]) as held:
+                        release=args["release"],
+                        owner=lease.process_identity() if args["own"] else None) as held:
             log("enter", args["holder"], held.ticket, time.time())
             time.sleep(hold)
             log("exit", args["holder"], held.ticket, time.time())
@@ -109,10 +110,11 @@ def spawn(code: str, *args: str) -> subprocess.Popen:
 
 
 def lease_worker(uri: str, resource: str, holder: str, log: Path, rounds, *, ttl: float,
-                 barrier: Path | None = None, release: bool = True) -> subprocess.Popen:
+                 barrier: Path | None = None, release: bool = True, own: bool = False) -> subprocess.Popen:
+    """``own``: the worker process is the owner of its tickets (as a ``lesionflow run`` driver is)."""
     args = {"uri": uri, "model": MODEL, "resource": resource, "holder": holder, "log": str(log),
             "rounds": rounds, "ttl": ttl, "barrier": str(barrier) if barrier else None,
-            "release": release}
+            "release": release, "own": own}
     return spawn(LEASE_WORKER, json.dumps(args))
 
 
@@ -190,6 +192,27 @@ def test_a_killed_holder_is_taken_over_once_its_ttl_has_passed(server, tmp_path)
     assert taken_at * 1000 >= dead.last_updated_timestamp + ttl * 1000
     assert taken_at < killed_at + ttl + 5
     assert dead.tags[lease.TAG_REVOKED_BY] == heir[2]
+
+
+def test_a_dead_owner_on_this_host_is_taken_over_at_once(server, tmp_path):
+    """A holder whose owner process is gone from this host (SIGKILL) is revoked by the next
+    acquire without waiting out the ttl; a live owner still blocks."""
+    log, ttl = tmp_path / "log", 600.0
+    holder = lease_worker(server, "dead", "doomed", log, [(0, 600)], ttl=ttl, own=True)
+    doomed_ticket = int(wait_for(log, "enter", procs=[holder])[0][2])
+    with pytest.raises(LeaseHeldError, match="held by doomed"):
+        lease.acquire(MODEL, "dead", "heir", ttl=ttl)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert lease.current(MODEL, "dead") is None  # the advisory check knows it is dead too
+
+    started = time.monotonic()
+    heir = lease.acquire(MODEL, "dead", "heir", ttl=ttl)
+    assert time.monotonic() - started < 10  # not the 600 s ttl
+    assert heir.took_over == ["doomed"]
+    dead = MlflowClient().get_model_version(lease.model_name(MODEL, "dead"), str(doomed_ticket))
+    assert dead.tags[lease.TAG_REVOKED_BY] == str(heir.ticket)
+    heir.release()
 
 
 def test_the_same_holder_gets_its_ticket_back_in_another_process(server, tmp_path):
