@@ -22,7 +22,6 @@ reload returned that was answered by the old version.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import secrets
 import signal
@@ -40,11 +39,12 @@ import mlflow
 import numpy as np
 import requests
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serving_bench import SIDE
+from bench.serving_bench import images as png_images
 from lesionflow import config, lineage, registry, tracking
 from lesionflow.models import build_model
 from lesionflow.models.segmenter import Segmenter
@@ -52,7 +52,6 @@ from lesionflow.serving import RELOAD_TOKEN_ENV
 from tests.conftest import free_port, wait_http
 
 NAME = "bench-soak"
-SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -62,16 +61,6 @@ class Outcome:
     status: int | None  # None: no HTTP answer (connection refused or reset, timeout)
     version: str | None
     error: str | None = None
-
-
-def bodies(n: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def register_two(params: config.Params) -> None:
@@ -130,7 +119,7 @@ def main() -> int:
                      *args.set]
         params = config.load(REPO / "params.yaml", overrides)
         register_two(params)
-        images = bodies(8)
+        images = png_images(8)
         token = secrets.token_hex(16)
 
         port = free_port()

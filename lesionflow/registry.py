@@ -345,8 +345,9 @@ def recover(name: str) -> list[str]:
     decision never did is not promoted, and its refusal is written to the history as
     ``interrupted``, so reviewers see every registered version accounted for."""
     done = []
-    for alias in (CHAMPION, "challenger"):
-        moves = [m for m in history(name, alias) if m.action != "refuse"]
+    logged = {alias: history(name, alias) for alias in (CHAMPION, "challenger")}
+    for alias, entries in logged.items():
+        moves = [m for m in entries if m.action != "refuse"]
         current = _alias_version(name, alias)
         if moves and current != moves[-1].to_version and current == moves[-1].from_version:
             _client().set_registered_model_alias(name, alias, moves[-1].to_version)
@@ -355,7 +356,7 @@ def recover(name: str) -> list[str]:
     pending = _client().search_model_versions(
         f"name = '{name}' and tags.`{TAG_REGISTRATION}` = '{REGISTRATION_PENDING}'")
     decided = {m.candidate if m.action == "refuse" else m.to_version
-               for m in history(name, CHAMPION) if m.action in ("promote", "refuse")}
+               for m in logged[CHAMPION] if m.action in ("promote", "refuse")}
     for mv in sorted(pending, key=lambda v: int(v.version)):
         version = str(mv.version)
         if version in decided:

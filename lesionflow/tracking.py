@@ -58,7 +58,8 @@ def _local_artifact_location() -> str | None:
 
 
 def parent_run_id(params: Params, pipeline_run_id: str) -> str:
-    experiment = connect(params)
+    """The pipeline run's parent MLflow run (call after ``connect``)."""
+    experiment = experiment_id(params.runtime.experiment)
     client = MlflowClient()
     found = client.search_runs(
         [experiment], filter_string=f"tags.`{lineage.TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' "

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import boto3
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -122,8 +123,6 @@ def n_versions(server: Server) -> int:
 def assert_consistent(server: Server, workdir: Path) -> None:
     """What a killed run must never leave behind, checked through the tracking server."""
     client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
-    import mlflow
-
     mlflow.set_tracking_uri(server.url)
     mlflow.set_registry_uri(server.url)
     versions = client.search_model_versions(f"name = '{MODEL}'")
@@ -143,8 +142,8 @@ def assert_consistent(server: Server, workdir: Path) -> None:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="attributes.status = 'RUNNING'")
     assert not runs, f"runs left RUNNING: {[r.info.run_name for r in runs]}"
-    md5s = {r.data.tags[k] for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-            for k in (lineage.TAG_DATASET_MD5,) if k in r.data.tags}
+    md5s = {r.data.tags[lineage.TAG_DATASET_MD5] for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()]) if lineage.TAG_DATASET_MD5 in r.data.tags}
     assert md5s
     for i, md5 in enumerate(sorted(md5s)):  # every dataset version any run recorded restores
         restore_dataset(md5, workdir.parent / "restored" / str(i), remote=str(workdir / "dvc-remote"))
