@@ -183,7 +183,7 @@ def mixin(params: config.Params, work: Path, epochs: int, seeds: list[int]) -> N
             cfg = params.train.model_copy(update={"epochs": arm_epochs})
             torch.manual_seed(seed)  # both arms start from the same initial weights
             seg = new_segmenter(params, data)
-            fit(seg, SegmentationDataset(folder, train, seg, augment=True, seed=seed),
+            fit(seg, SegmentationDataset(folder, train, seg, augment="flips", seed=seed),
                 SegmentationDataset(folder, labelled(recs, "val"), seg), cfg, seed=seed)
             rows[arm].append((len(train), arm_epochs, *_score(seg, data, records, params.evaluate.threshold)))
             print(f"seed {seed} | {arm} | test Dice {rows[arm][-1][2]:.3f} | temporal consistency {rows[arm][-1][3]:.3f}")

@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from lesionflow import config
+from lesionflow import config, skip_exit_gc
 from lesionflow.errors import LeaseHeldError, LesionflowError
 
 
@@ -178,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lesionflow.steps.ingest import build_dataset
 
     params = _registry_params(args)
-    model = registry.load_model(params.runtime.model_name, args.model)
+    model = registry.load_pyfunc(params.runtime.model_name, args.model).predictor  # as served
     with tempfile.TemporaryDirectory(prefix="lesionflow-eval-") as tmp:
         dataset = Path(tmp) / "dataset"
         build_dataset(params, dataset)
@@ -390,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_exit_gc()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -168,19 +168,29 @@ class SyntheticConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Compact U-Net: ``depth`` down/up levels, channels double from ``base_channels``."""
+    """The segmentation network: ``depth`` down/up levels, channels double from ``base_channels``."""
 
+    arch: Literal["unet", "resunet"] = Field(
+        "unet", description="unet: the classic U-Net, convolutions at full resolution | resunet: "
+        "residual encoder from 1/2 resolution, ~3x fewer FLOPs per channel (models/resunet.py)")
     in_channels: Literal[1, 3] = Field(
         3, description="1 (gray) or 3 (RGB): images are converted to it")
     base_channels: int = Field(
         16, ge=4, description="channels of the first level, doubled at each level down")
     depth: int = Field(
-        4, ge=1, le=6, description="down/up levels: train.image_size must be a multiple of 2**depth")
+        4, ge=1, le=6, description="down/up levels: train.image_size must be a multiple of 2**depth "
+        "(unet) or 2**(depth+1) (resunet)")
+    blocks: int = Field(2, ge=1, description="resunet: residual blocks per encoder stage")
     upsample: Literal["bilinear", "transpose"] = Field(
         "bilinear", description="bilinear | transpose")
     dropout: float = Field(
         0.0, ge=0, lt=1, description="in the conv blocks (the one model key a warm start may "
         "change)")
+
+    @property
+    def halvings(self) -> int:
+        """How often the network halves its input: sides must be multiples of 2**halvings."""
+        return self.depth + (self.arch == "resunet")
 
 
 class TrainConfig(_Section):
@@ -192,9 +202,20 @@ class TrainConfig(_Section):
         3e-3, gt=0, description="peak learning rate of the one-cycle schedule (AdamW)")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     bce_weight: float = Field(
-        0.5, ge=0, description="loss = dice_weight · soft Dice + bce_weight · BCE")
+        0.5, ge=0, description="loss dice_bce = dice_weight · soft Dice + bce_weight · BCE")
     dice_weight: float = Field(0.5, ge=0, description="see bce_weight")
-    augment: bool = Field(True, description="random flips, quarter turns and a mild gain/offset")
+    augment: Literal["none", "flips", "strong"] = Field(
+        "flips", description="none | flips: flips, quarter turns and a mild gain/offset | strong: "
+        "also scale/shift/rotate, colour jitter and blur (albumentations)")
+    loss: Literal["dice_bce", "structure"] = Field(
+        "dice_bce", description="dice_bce: dice_weight · soft Dice + bce_weight · BCE | structure: "
+        "boundary-weighted BCE + weighted IoU (PraNet), which stresses the lesion's edge")
+    deep_supervision: float = Field(
+        0.0, ge=0, description="resunet: weight of the loss on each coarser decoder level's own "
+        "logits (0: off)")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights with this "
+        "decay, validate and ship it (null: off)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes (0: load in the training process)")
@@ -204,6 +225,12 @@ class TrainConfig(_Section):
         None, description="null: from scratch | champion | <version>: fine-tune its weights")
     deterministic: bool = Field(
         True, description="deterministic kernels, so `lesionflow reproduce` rebuilds exactly")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_flag(cls, value: Any) -> Any:
+        """Older files say ``augment: true/false``; that meant flips or nothing."""
+        return {True: "flips", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("init_from")
     @classmethod
@@ -343,17 +370,18 @@ class VideoConfig(_Section):
         return self
 
 
-def size_problem(size_key: str, size: int, depth_key: str, depth: int) -> str | None:
-    """Why a square input of side ``size`` cannot go through ``depth`` halvings (a U-Net's
+def size_problem(size_key: str, size: int, depth_key: str, halvings: int) -> str | None:
+    """Why a square input of side ``size`` cannot go through ``halvings`` halvings (a U-Net's
     levels), with the nearest sizes that can; None if it can. The deepest level must keep at least
     2x2 pixels: batch norm cannot train on a single pixel of a single image."""
-    multiple = 2**depth
+    multiple = 2**halvings
     if size % multiple == 0 and size >= 2 * multiple:
         return None
     below, above = max(size // multiple * multiple, 2 * multiple), max(-(-size // multiple) * multiple,
                                                                        2 * multiple)
     sizes = f"{below}" if below == above else f"{below} or {above}"
-    return (f"{size_key} {size} must be a multiple of 2**{depth_key} = {multiple} and at least "
+    return (f"{size_key} {size} must be a multiple of {multiple} (the network halves it {halvings} "
+            f"times, from {depth_key}) and at least "
             f"{2 * multiple}: set {size_key} to {sizes}, or lower {depth_key}")
 
 
@@ -509,7 +537,10 @@ class Params(_Section):
         """Combinations of keys from different sections, checked before any step runs rather than
         failing steps later; each line names the keys and what to set."""
         problems = [size_problem("train.image_size", self.train.image_size, "model.depth",
-                                 self.model.depth)]
+                                 self.model.halvings)]
+        if self.train.deep_supervision and self.model.arch != "resunet":
+            problems.append("train.deep_supervision needs model.arch: resunet (the unet has no "
+                            "auxiliary heads): set it to 0 or switch the arch")
         if self.serve.min_side > self.serve.max_side:
             problems.append(f"serve.min_side {self.serve.min_side} is larger than serve.max_side "
                             f"{self.serve.max_side}: no image would be accepted; lower min_side or "

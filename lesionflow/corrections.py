@@ -34,7 +34,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from lesionflow import lease, lineage, registry, tracking
+from lesionflow import lease, lineage, tracking
 from lesionflow.config import IngestConfig, MetadataColumns, Params, SplitFractions
 from lesionflow.data.deid import load_key
 from lesionflow.data.fingerprint import write_index
@@ -89,6 +89,9 @@ def add(params: Params, source: str, *, model_version: str | None = None,
 
     ``reviewer`` (default ``default_reviewer()``) goes on each correction as ``labelled_by``
     unless the batch's CSV names another per row."""
+    # imported here: it loads torch, which the ingest step (it imports this module) never needs
+    from lesionflow import registry
+
     name = params.runtime.model_name
     reviewer = (reviewer or "").strip() or default_reviewer()
     with tempfile.TemporaryDirectory(prefix="lesionflow-corrections-") as tmp:

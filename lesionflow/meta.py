@@ -30,8 +30,6 @@ With data: ``Task.split("round", dataset, good_idx, bad_idx, kinds=kinds)`` per 
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -43,6 +41,7 @@ from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
 from lesionflow.config import MetaTrainConfig
+from lesionflow.loop import TrainingLoop
 from lesionflow.losses import dice_bce_loss
 from lesionflow.training import SegmentationDataset, pick_device, validation_dice
 
@@ -260,21 +259,12 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
     torch.manual_seed(seed)
     order_rng, sample_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     model.to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.outer_lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.outer_lr,
-                                                    total_steps=cfg.outer_steps, pct_start=0.15)
+    loop = TrainingLoop(model, lr=cfg.outer_lr, total_steps=cfg.outer_steps)
     result, queue, order, scores = MetaResult(), [], [], {}
-    best_state = None
-    start = time.monotonic()
 
     def keep_if_best(step: int) -> None:
-        nonlocal best_state
-        if validation is None:
-            return
-        dice = validation_dice(model, validation, device, cfg.query_size)
-        if result.best_val_dice is None or dice > result.best_val_dice:
-            result.best_step, result.best_val_dice = step, dice
-            best_state = copy.deepcopy(model.state_dict())
+        if validation is not None:
+            loop.select(step, validation_dice(model, validation, device, cfg.query_size))
 
     for step in range(cfg.outer_steps):
         rerank = step % cfg.rerank_every == 0
@@ -294,21 +284,21 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
         s_idx, s_good, s_bad = draw(task.primary, cfg.support_size, cfg.bad_fraction, sample_rng)
         q_idx, q_good, q_bad = draw(query_task.secondary, cfg.query_size, cfg.bad_fraction, sample_rng)
         model.train()
-        losses = meta_step(model, optimizer, task.batch(s_idx, cfg.correction_weight, device),
+        losses = meta_step(model, loop.optimizer, task.batch(s_idx, cfg.correction_weight, device),
                            query_task.batch(q_idx, cfg.correction_weight, device),
                            inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, order=cfg.order,
                            loss_fn=loss_fn)
-        scheduler.step()
+        loop.after_step()
         row = {"step": step, "task": task.name, "query_task": query_task.name, **losses,
                "support_good": s_good, "support_bad": s_bad, "query_good": q_good,
-               "query_bad": q_bad, "seconds": time.monotonic() - start}
+               "query_bad": q_bad, "seconds": loop.seconds}
         result.history.append(row)
         if on_step:
             on_step(row)
     keep_if_best(cfg.outer_steps)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    result.best_step, result.best_val_dice = loop.best_at, loop.best_score
+    loop.finish().to(device)
     result.scores = score_tasks(model, tasks, device, cfg.query_size)
-    result.seconds = time.monotonic() - start
+    result.seconds = loop.seconds
     model.to("cpu").eval()
     return result

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lesionflow import errors, lease
+from lesionflow import errors, timing
 from lesionflow.config import Params
 from lesionflow.errors import (
     ConfigError,
@@ -31,14 +31,17 @@ def run_local(params: Params) -> dict:
     unreachable remote, ...) is raised here as that same error class, naming the step."""
     from kfp import local
 
-    from lesionflow import tracking
+    from lesionflow import lease, tracking
     from lesionflow.steps.entrypoints import ERROR_REPORT_ENV, PIPELINE_LEASE
     from pipelines.lesionflow_pipeline import lesionflow_pipeline
 
+    timing.begin("run")
     workdir = params.runtime.resolved_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
     tracking.connect(params)
+    timing.mark("mlflow connect")
     _refuse_if_leased(params, PIPELINE_LEASE)
+    timing.mark("lease acquire")
     # The project image is Python-based and the package is installed here; kfp.local can't know.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
@@ -60,6 +63,7 @@ def run_local(params: Params) -> dict:
             raise
         finally:
             Path(report).unlink(missing_ok=True)
+    timing.mark("exit")  # of the last step, and kfp.local collecting its output
     return json.loads(task.output)
 
 
@@ -93,6 +97,8 @@ def step_failure(report: Path) -> LesionflowError | None:
 
 
 def _refuse_if_leased(params: Params, resource: str) -> None:
+    from lesionflow import lease
+
     holder = lease.current(params.runtime.model_name, resource)
     if holder is not None:
         raise LeaseHeldError(f"another pipeline run of {params.runtime.model_name} holds its "

@@ -45,7 +45,13 @@ from lesionflow.lineage import (
     code_version,
     package_dir,
 )
-from lesionflow.models.pyfunc import DEFAULT_THRESHOLD, WEIGHTS, SegmentationModel
+from lesionflow.models import runtime
+from lesionflow.models.pyfunc import (
+    DEFAULT_THRESHOLD,
+    SIGNATURE,
+    WEIGHTS,
+    SegmentationModel,
+)
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import save_model
@@ -70,6 +76,7 @@ def _pip_requirements() -> list[str]:
         f"cloudpickle=={version('cloudpickle')}",
         f"mlflow=={mlflow.__version__}",
         f"pycocotools=={version('pycocotools')}",
+        f"onnxruntime=={version('onnxruntime')}",
     ]
 
 
@@ -115,8 +122,9 @@ def register_model(
     """Log ``model`` in the active run as a pyfunc and register it as a new version of ``name``.
 
     The logged model is ``SegmentationModel`` (pre/post-processing and routing inside, mask
-    ``threshold`` in its config) over the weights folder of ``store.save_model`` — weights and
-    hyper-parameters, not a pickle of the module, so renaming code never breaks a stored version.
+    ``threshold`` in its config, ``pyfunc.SIGNATURE``) over the weights folder of
+    ``store.save_model`` — weights and hyper-parameters, not a pickle of the module, so renaming
+    code never breaks a stored version — and the ONNX export it serves through (``runtime.save``).
     Lineage and metrics go on the version (what the registry UI and the gate read) and on the run
     (what the experiment UI shows). ``lineage`` is keyed by ``lesionflow.lineage`` tag names; the
     code version (commit + dirty flag) and the parent version (the champion right now, or "none")
@@ -149,9 +157,12 @@ def register_model(
         mlflow.log_text(json.dumps(content, indent=1, sort_keys=True), path)
     with tempfile.TemporaryDirectory(prefix="lesionflow-register-") as tmp:
         save_model(model, Path(tmp) / WEIGHTS)
+        runtime.save(model, Path(tmp) / runtime.ONNX)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=SegmentationModel(), artifacts={WEIGHTS: str(Path(tmp) / WEIGHTS)},
-            model_config={"threshold": float(threshold)}, pip_requirements=_pip_requirements(),
+            name="model", python_model=SegmentationModel(),
+            artifacts={WEIGHTS: str(Path(tmp) / WEIGHTS), runtime.ONNX: str(Path(tmp) / runtime.ONNX)},
+            model_config={"threshold": float(threshold)}, signature=SIGNATURE,
+            pip_requirements=_pip_requirements(),
         )
     mlflow.set_tags({k: v for k, v in tags.items() if k != TAG_REGISTRATION})  # a run never changes state
     mv = mlflow.register_model(info.model_uri, name, tags=tags)

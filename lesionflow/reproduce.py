@@ -34,6 +34,7 @@ from lesionflow.lineage import (
     code_version,
     package_dir,
 )
+from lesionflow.models.runtime import predictor
 from lesionflow.models.store import load_model
 from lesionflow.steps import meta_train as meta_train_step
 from lesionflow.steps.evaluate import score_model, select
@@ -112,7 +113,9 @@ def reproduce(here: Params, version: str) -> Reproduction:
                               tags={TAG_REPRODUCES: version}):
             meta_train_step.run(params, train_dir, tmp / "model")
             records = select(read_manifest(eval_dir), registered["split"])
-            rebuilt = score_model(load_model(tmp / "model"), eval_dir, records, params.evaluate.threshold)
+            # scored as the evaluate step scored the version: through its serving runtime
+            rebuilt = score_model(predictor(load_model(tmp / "model")), eval_dir, records,
+                                  params.evaluate.threshold)
             mlflow.log_dict({"registered": registered["table"], "rebuilt": rebuilt.table},
                             "reproduction.json")
     return Reproduction(version, registered["split"], registered["table"], rebuilt.table, datasets,

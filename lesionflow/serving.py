@@ -12,7 +12,8 @@ cannot re-resolve the alias without a restart. Here the same pyfunc does the wor
                    "confidence", "lesion_fraction", "mask"}`` with ``mask`` either
                    ``{"format": "png", "data": "<base64 PNG, 0/255>"}`` or
                    ``{"format": "rle", "size": [h, w], "counts": "<COCO compressed RLE>"}``.
-``GET /health``    what is served (name, version, alias, lesion types, threshold, limits).
+``GET /health``    what is served (name, version, alias, lesion types, threshold, runtime:
+                   onnxruntime or torch, limits).
 ``GET /ping``      200 once a model is loaded.
 ``POST /reload``   re-resolve the alias and load what it points at now (after a promotion or a
                    ``lesionflow rollback``); needs ``Authorization: Bearer <LESIONFLOW_RELOAD_TOKEN>``.
@@ -265,7 +266,8 @@ def create_app(name: str, ref: str, cfg: ServeConfig, reload_token: str | None =
 
     def describe(served: Served) -> dict:
         return {"model": served.name, "version": served.version, "ref": ref,
-                "lesion_types": served.model.lesion_types, "threshold": served.model.threshold}
+                "lesion_types": served.model.lesion_types, "threshold": served.model.threshold,
+                "runtime": served.model.runtime_name}
 
     @app.get("/ping", response_class=PlainTextResponse)
     def ping() -> str:

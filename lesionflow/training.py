@@ -6,22 +6,22 @@ plain baseline it is compared against.
 
 from __future__ import annotations
 
-import copy
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from lesionflow.config import TrainConfig
+from lesionflow.data.augment import Augmenter, Strength
 from lesionflow.data.manifest import Record
 from lesionflow.data.transforms import load_image, load_target
 from lesionflow.errors import ConfigError
-from lesionflow.losses import dice_bce_loss
+from lesionflow.loop import TrainingLoop
+from lesionflow.losses import segmentation_loss
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.progress import progress
 
@@ -38,7 +38,7 @@ class SegmentationDataset(Dataset):
     ~200 MB), so epochs cost compute, not PNG decoding."""
 
     def __init__(self, dataset_dir: Path, records: list[Record], model: Segmenter,
-                 augment: bool = False, seed: int = 0, sample_weights: list[float] | None = None):
+                 augment: Strength = "none", seed: int = 0, sample_weights: list[float] | None = None):
         if not records:
             raise ValueError("no labelled records to train or validate on")
         size = model.image_size
@@ -47,27 +47,20 @@ class SegmentationDataset(Dataset):
         # int8 targets: 1 lesion, 0 background, -1 ignore (area-ratio pseudo-labels)
         self.masks = np.stack([load_target(dataset_dir, r, size)[None] for r in records])
         self.weights = np.asarray(sample_weights or [1.0] * len(records), dtype=np.float32)
-        self.augment = augment
-        self.rng = np.random.default_rng(seed)
+        self.augmenter = Augmenter(augment, seed)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        image, mask = self.images[i].astype(np.float32), self.masks[i].astype(np.float32)
-        if self.augment:
-            image, mask = self._augment(image, mask)
+        image, mask = self.augmenter(self.images[i], self.masks[i])
         return torch.from_numpy(image), torch.from_numpy(mask), torch.tensor(self.weights[i])
 
-    def _augment(self, image: np.ndarray, mask: np.ndarray):
-        """Flips, 90° turns and a mild gain/offset: geometry-safe for any lesion type."""
-        k = int(self.rng.integers(4))
-        image, mask = np.rot90(image, k, (1, 2)), np.rot90(mask, k, (1, 2))
-        if self.rng.random() < 0.5:
-            image, mask = image[:, :, ::-1], mask[:, :, ::-1]
-        gain, offset = self.rng.uniform(0.9, 1.1), self.rng.uniform(-10, 10)
-        image = np.clip(image * gain + offset, 0, 255)
-        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+def reseed_worker(_: int) -> None:
+    """DataLoader ``worker_init_fn``: this worker's own augmentation stream (see data/augment.py)."""
+    info = get_worker_info()
+    info.dataset.augmenter.reseed(info.seed % 2**32)
 
 
 @dataclass
@@ -118,40 +111,40 @@ def validation_dice(model: Segmenter, data: SegmentationDataset, device: torch.d
 
 def fit(model: Segmenter, train: SegmentationDataset, val: SegmentationDataset, cfg: TrainConfig,
         *, seed: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """Train with AdamW + one-cycle LR; keep the weights of the best validation epoch."""
+    """Train (``loop.TrainingLoop``: AdamW, one-cycle LR, optional EMA); keep the weights of the
+    best validation epoch."""
     torch.manual_seed(seed)
     device = pick_device(cfg.device)
     model.to(device)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15)
-    best_state, best = copy.deepcopy(model.state_dict()), (-1, -1.0)
+                        num_workers=cfg.num_workers, worker_init_fn=reseed_worker,
+                        generator=torch.Generator().manual_seed(seed))
+    loop = TrainingLoop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.epochs * len(loader),
+                        ema_decay=cfg.ema_decay, max_minutes=cfg.max_minutes)
     history: list[dict] = []
-    start = time.monotonic()
     for epoch in range(cfg.epochs):
         model.train()
-        losses = []
-        for image, mask, weight in progress(loader, f"epoch {epoch + 1}/{cfg.epochs}"):
-            loss = dice_bce_loss(model(image.to(device)), mask.to(device),
-                                 dice_weight=cfg.dice_weight, bce_weight=cfg.bce_weight,
-                                 sample_weight=weight.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+        losses = [loop.step(training_loss(model, image.to(device), mask.to(device), weight.to(device), cfg))
+                  for image, mask, weight in progress(loader, f"epoch {epoch + 1}/{cfg.epochs}")]
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-               "val_dice": validation_dice(model, val, device, cfg.batch_size),
-               "lr": scheduler.get_last_lr()[0], "seconds": time.monotonic() - start}
+               "val_dice": validation_dice(loop.shipped, val, device, cfg.batch_size),
+               "lr": loop.lr, "seconds": loop.seconds}
         history.append(row)
         if on_epoch:
             on_epoch(row)
-        if row["val_dice"] > best[1]:
-            best, best_state = (epoch, row["val_dice"]), copy.deepcopy(model.state_dict())
-        if cfg.max_minutes and row["seconds"] > cfg.max_minutes * 60:
+        loop.select(epoch, row["val_dice"])
+        if loop.out_of_time():
             break
-    model.load_state_dict(best_state)
-    model.to("cpu").eval()
-    return FitResult(best[0], best[1], len(history), time.monotonic() - start, history)
+    loop.finish()
+    return FitResult(loop.best_at, loop.best_score, len(history), loop.seconds, history)
+
+
+def training_loss(model: Segmenter, image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                  cfg: TrainConfig) -> torch.Tensor:
+    """``cfg.loss`` on the final logits, plus ``cfg.deep_supervision`` times its mean over the
+    coarser decoder levels' own logits (deep supervision)."""
+    if not cfg.deep_supervision:
+        return segmentation_loss(cfg, model(image), target, weight)
+    final, *coarser = model.forward_all(image)
+    aux = torch.stack([segmentation_loss(cfg, logits, target, weight) for logits in coarser]).mean()
+    return segmentation_loss(cfg, final, target, weight) + cfg.deep_supervision * aux

@@ -309,6 +309,55 @@ def test_mlflow_server_command_parses(rendered):
     assert "lf-mlflow.ml.svc:*" in ctx.params["allowed_hosts"].split(",")
 
 
+def test_kserve_serves_the_champion_through_mlflow_instead_of_the_deployment(helm):
+    """serving.kserve.enabled: an InferenceService in the MLflow model format, whose runtime is this
+    image running `mlflow models serve` (of the champion alias, or of what storageUri fetched),
+    replaces the Deployment, its Service and Ingress; its pod keeps every pod's guarantees and
+    validates as a Kubernetes Pod (the CRDs themselves have no bundled schema)."""
+    from mlflow.cli import cli as mlflow_cli
+
+    storage = "s3://lesionflow-prod/mlflow-artifacts/1/models/m-1/artifacts"
+    for values, uri in ((["--set", "serving.kserve.enabled=true"],
+                         f"models:/{config.Params().runtime.model_name}@champion"),
+                        (["-f", str(ALL_ON), "--set", "serving.kserve.enabled=true",
+                          "--set", f"serving.kserve.storageUri={storage}"], "/mnt/models")):
+        out = helm("template", "lf", str(CHART), "--namespace", "ml", *values).stdout
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        assert "Ingress" not in {d["kind"] for d in docs}
+        assert not [d for d in docs if d["kind"] in ("Deployment", "Service")
+                    and d["metadata"]["name"].endswith("-serving")]
+        [runtime] = [d for d in docs if d["kind"] == "ServingRuntime"]
+        [isvc] = [d for d in docs if d["kind"] == "InferenceService"]
+        assert (runtime["apiVersion"], isvc["apiVersion"]) == ("serving.kserve.io/v1alpha1", "serving.kserve.io/v1beta1")
+        predictor, model = isvc["spec"]["predictor"], isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"] and model["modelFormat"]["name"] == "mlflow"
+        assert {**model["modelFormat"], "autoSelect": False} in runtime["spec"]["supportedModelFormats"]
+        assert model.get("storageUri") == (storage if uri == "/mnt/models" else None)
+        [c] = runtime["spec"]["containers"]
+        assert c["image"] == containers(docs)["retrain"]["image"]  # the one image
+        assert c["command"] == ["mlflow"] and c["args"][:2] == ["models", "serve"]
+        serve = mlflow_cli.commands["models"].commands["serve"].make_context("serve", list(c["args"][2:]))
+        assert (serve.params["model_uri"], serve.params["env_manager"], serve.params["port"]) == (uri, "local", 8080)
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
+               "spec": {**{k: predictor[k] for k in ("serviceAccountName", "automountServiceAccountToken",
+                                                     "securityContext")},
+                        "containers": [{**c, "resources": model["resources"]}],
+                        "volumes": runtime["spec"]["volumes"],
+                        **{k: runtime["spec"][k] for k in ("imagePullSecrets",) if k in runtime["spec"]}}}
+        for version in KUBE_VERSIONS:
+            for doc in [d for d in docs if d["kind"] not in ("ServingRuntime", "InferenceService")] + [pod]:
+                kubernetes_validate.validate(doc, version, strict=True)
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+        assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
+        mlflow_service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-mlflow"))
+        assert {e["name"]: e.get("value") for e in c["env"]}["MLFLOW_TRACKING_URI"] == (
+            f"http://{mlflow_service['metadata']['name']}.ml.svc:{mlflow_service['spec']['ports'][0]['port']}")
+        if "-f" in values:  # all-on: basic auth and S3 keys, from Secrets only
+            assert {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= secret_env(c).keys()
+            [policy] = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-serving")]
+            assert policy["spec"]["podSelector"]["matchLabels"] == predictor["labels"]
+
+
 def test_notes_name_the_secrets_to_create(helm, tmp_path):
     # `helm template` skips NOTES.txt and `helm install --dry-run` wants a cluster: render the
     # same text through `tpl` in a throwaway copy of the chart.

@@ -13,6 +13,7 @@ from torch import nn
 
 from lesionflow import meta
 from lesionflow.config import MetaTrainConfig
+from lesionflow.data.augment import Augmenter
 from lesionflow.losses import dice_bce_loss
 from lesionflow.meta import (
     Batch,
@@ -46,8 +47,7 @@ class ArrayDataset(SegmentationDataset):
     def __init__(self, images: np.ndarray, masks: np.ndarray):
         self.images, self.masks = images, masks
         self.weights = np.ones(len(images), np.float32)
-        self.augment = False
-        self.rng = np.random.default_rng(0)
+        self.augmenter = Augmenter("none", 0)
 
 
 def tiny_net() -> nn.Module:

@@ -137,7 +137,8 @@ def assert_same_mask(served: np.ndarray, prob: np.ndarray, expected: np.ndarray)
 def test_predict_answers_with_the_champions_mask_confidence_and_version(server):
     url, _, params = server
     health = requests.get(f"{url}/health", timeout=10).json()
-    assert (health["version"], health["lesion_types"]) == ("2", ["elongated", "round"])
+    assert (health["version"], health["lesion_types"], health["runtime"]) == (
+        "2", ["elongated", "round"], "onnxruntime")
 
     raw = requests.post(f"{url}/predict", params={"lesion_type": "round"}, data=png(IMAGE),
                         headers={"Content-Type": "image/png"}, timeout=30)
@@ -271,7 +272,7 @@ class Held:
 
     def __init__(self, seed: int):
         self.inner = SegmentationModel.wrap(segmenter(seed))
-        self.lesion_types, self.threshold = None, self.inner.threshold
+        self.lesion_types, self.threshold, self.runtime_name = None, self.inner.threshold, "torch"
         self.gate = threading.Event()
         self.gate.set()
         self.entered: queue.Queue = queue.Queue()

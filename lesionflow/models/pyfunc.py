@@ -3,9 +3,13 @@
 Pre-processing (decode, size limits, channel conventions), routing by lesion type and
 post-processing (threshold, mask encoding, confidence) live here, inside the logged model, so a
 registered version answers the same way in ``mlflow.pyfunc.load_model(...).predict``, in the
-lesionflow server and in evaluation. The artifact is the weights folder of ``models/store.py``
-(weights + hyper-parameters, loaded with ``weights_only=True``); the pickled ``SegmentationModel``
-instance itself holds no state, only a reference to this class.
+lesionflow server and in evaluation. The artifacts are the weights folder of ``models/store.py``
+(weights + hyper-parameters, loaded with ``weights_only=True``) and the same model exported to ONNX
+(``models/runtime.py``), which answers when onnxruntime is installed (torch otherwise); the pickled
+``SegmentationModel`` instance itself holds no state, only a reference to this class.
+
+``SIGNATURE`` (binary ``image``, optional string ``lesion_type``) lets standard MLflow serving —
+``mlflow models serve``, MLServer's and KServe's MLflow runtimes — take base64 image bytes in JSON.
 
 Confidence: the mean probability of the answer over the pixels that carry it — over the pixels
 predicted as lesion when there are any (mean p), else over the whole image (mean 1 - p). 1 means
@@ -21,16 +25,23 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as coco_mask
 
 from lesionflow.errors import ImageSizeError, InvalidImageError
+from lesionflow.models import runtime
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import load_model
 
 WEIGHTS = "weights"  # the artifact key of the store.save_model folder
 DEFAULT_THRESHOLD = 0.5
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "lesion_type", required=False)]),
+    outputs=Schema([ColSpec(Object([Property("size", Array("long")), Property("counts", "string")]), "mask"),
+                    ColSpec("long", "height"), ColSpec("long", "width"), ColSpec("double", "confidence")]))
 
 
 @dataclass(frozen=True)
@@ -99,11 +110,15 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     per row; ``segment`` is the same for one decoded image, for callers in Python.
     """
 
-    model: Segmenter | LesionTypeRouter
+    model: Segmenter | LesionTypeRouter  # the torch module (evaluation, pseudo-labelling)
+    # what segments: the ONNX Runtime twin of ``model`` (models/runtime.py), or ``model`` itself
+    predictor: Segmenter | LesionTypeRouter | runtime.OnnxSegmenter | runtime.OnnxRouter
     threshold: float
 
     def load_context(self, context) -> None:
         self.model = load_model(Path(context.artifacts[WEIGHTS]))
+        onnx_dir = context.artifacts.get(runtime.ONNX)  # None: registered before the export
+        self.predictor = self.model if onnx_dir is None else runtime.predictor(self.model, Path(onnx_dir))
         self.threshold = float((context.model_config or {}).get("threshold", DEFAULT_THRESHOLD))
 
     @classmethod
@@ -111,8 +126,13 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
              ) -> SegmentationModel:
         """The same behaviour around a module already in memory (e.g. an older pickled version)."""
         wrapped = cls()
-        wrapped.model, wrapped.threshold = model, float(threshold)
+        wrapped.model, wrapped.predictor, wrapped.threshold = model, model, float(threshold)
         return wrapped
+
+    @property
+    def runtime_name(self) -> str:
+        """"onnxruntime" or "torch": what segments."""
+        return runtime.runtime_name(self.predictor)
 
     @property
     def lesion_types(self) -> list[str] | None:
@@ -122,10 +142,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def segment(self, image: np.ndarray, lesion_type: str | None = None) -> Prediction:
         """One uint8 image → its mask and confidence; a router refuses a type it has no model for
         (``UnknownLesionTypeError``)."""
-        if isinstance(self.model, LesionTypeRouter):
-            prob = self.model.route(lesion_type).predict_proba([image])[0]
-        else:
-            prob = self.model.predict_proba([image])[0]
+        prob = self.predictor.predict_proba([image], [lesion_type])[0]
         mask = prob > self.threshold
         return Prediction(mask, confidence(prob, mask), lesion_type)
 

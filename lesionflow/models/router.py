@@ -7,6 +7,9 @@ so a deployment never mixes versions trained on different data.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from torch import nn
 
@@ -18,18 +21,18 @@ class UnknownLesionTypeError(LesionflowError):
     """An image's lesion type has no model in the router."""
 
 
-class LesionTypeRouter(nn.Module):
-    def __init__(self, models: dict[str, Segmenter]):
-        super().__init__()
-        if not models:
-            raise ValueError("a router needs at least one per-type model")
-        self.models = nn.ModuleDict(models)
+class Routing:
+    """Routing by lesion type over ``self.models`` (type → a model with ``predict_proba``), shared
+    by ``LesionTypeRouter`` and its ONNX Runtime twin (``models/runtime.py``), so both refuse and
+    route alike."""
+
+    models: Mapping[str, Any]
 
     @property
     def lesion_types(self) -> list[str]:
         return sorted(self.models)
 
-    def route(self, lesion_type: str | None) -> Segmenter:
+    def route(self, lesion_type: str | None):
         if lesion_type not in self.models:
             raise UnknownLesionTypeError(
                 f"no model for lesion type {lesion_type!r}; this model knows {self.lesion_types}")
@@ -47,3 +50,11 @@ class LesionTypeRouter(nn.Module):
             for i, p in zip(index, probs, strict=True):
                 out[i] = p
         return out
+
+
+class LesionTypeRouter(Routing, nn.Module):
+    def __init__(self, models: dict[str, Segmenter]):
+        super().__init__()
+        if not models:
+            raise ValueError("a router needs at least one per-type model")
+        self.models = nn.ModuleDict(models)

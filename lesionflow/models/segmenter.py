@@ -12,11 +12,20 @@ import torch
 from torch import nn
 
 from lesionflow.data.transforms import resize_image, resize_prob, to_channels
+from lesionflow.models.resunet import ResUNet
 from lesionflow.models.unet import UNet
+
+NETWORKS = {"unet": UNet, "resunet": ResUNet}
+
+
+def network(hparams: dict) -> UNet | ResUNet:
+    """The network ``hparams`` describe (``arch`` absent: a U-Net saved before there was a choice)."""
+    hparams = dict(hparams)
+    return NETWORKS[hparams.pop("arch", "unet")](**hparams)
 
 
 class Segmenter(nn.Module):
-    def __init__(self, net: UNet, image_size: int, mean: list[float], std: list[float]):
+    def __init__(self, net: UNet | ResUNet, image_size: int, mean: list[float], std: list[float]):
         super().__init__()
         if image_size % net.multiple:
             raise ValueError(f"image_size {image_size} must be a multiple of {net.multiple}")
@@ -33,6 +42,10 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for uint8-scaled input (B, C, S, S); normalisation happens here."""
         return self.net((x - self.mean) / self.std)
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Final logits and the deep-supervision heads' (``ResUNet`` only)."""
+        return self.net.forward_all((x - self.mean) / self.std)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """uint8 image of any size → (C, S, S) uint8 array at the model's resolution."""
@@ -61,6 +74,6 @@ class Segmenter(nn.Module):
     @classmethod
     def load(cls, path: Path, map_location: str = "cpu") -> Segmenter:
         blob = torch.load(path, map_location=map_location, weights_only=True)
-        model = cls(UNet(**blob["hparams"]), blob["image_size"], blob["mean"], blob["std"])
+        model = cls(network(blob["hparams"]), blob["image_size"], blob["mean"], blob["std"])
         model.load_state_dict(blob["state_dict"])
         return model

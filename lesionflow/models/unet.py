@@ -71,6 +71,7 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], 1, 1)
         self.multiple = 2**depth
+        self.feature_channels = base_channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel features at full resolution (the decoder's last layer)."""

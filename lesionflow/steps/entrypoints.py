@@ -8,6 +8,10 @@ plain values and the lineage it received plus what it produced (``lineage.merged
 register step puts on the version.
 Components stay one-liners; the CLI and tests call the same functions, so there is a single code
 path from laptop to cluster.
+
+Each step runs in its own process, so its start-up is paid six times a pipeline run: a step imports
+only its own module (ingest never loads torch), and nothing heavy is imported here at module level
+(``run_local`` imports this module for two constants).
 """
 
 from __future__ import annotations
@@ -19,18 +23,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import mlflow
-
-from lesionflow import config, lease, lineage, services, tracking
+from lesionflow import config, lineage, skip_exit_gc, timing
 from lesionflow.config import Params
 from lesionflow.errors import LesionflowError, TrackingUnavailableError
-from lesionflow.steps import evaluate as evaluate_step
-from lesionflow.steps import ingest as ingest_step
-from lesionflow.steps import meta_train as meta_train_step
-from lesionflow.steps import pseudo_label as pseudo_label_step
-from lesionflow.steps import register as register_step
-from lesionflow.steps import synthesize_video as synthesize_video_step
-from lesionflow.steps.train import init_version
 
 PIPELINE_LEASE = "pipeline"  # one training pipeline run per model at a time, ingest → register
 # Set by ``run_local``: the file a failing step writes its named error to, because kfp.local itself
@@ -56,18 +51,27 @@ def step_context(params_json: str, step: str, pipeline_run_id: str) -> Iterator[
     first step to the end of register (re-entrant across the steps' processes and pods, renewed
     while a step runs), released when a step fails (the run is over), and expires if the run is
     killed: two runs never train, register and move ``champion`` for one model at the same time."""
+    from lesionflow import lease, services, tracking
+
+    timing.begin(step)  # the step's imports are done
+    skip_exit_gc()  # the process ends with the step
     with reported(step):
         params = config.from_json(params_json)
         cfg = params.registry
         tracking.connect(params)  # the lease lives on the tracking server
+        timing.mark("mlflow connect")
         with lease.held(params.runtime.model_name, PIPELINE_LEASE, pipeline_run_id,
                         ttl=cfg.lease_seconds, wait=cfg.lease_wait_seconds,
                         release=step == "register") as held:
+            timing.mark("lease acquire")
             if held.took_over:  # their runs were killed mid-step: say so in the UI
                 tracking.end_runs_of_dead_pipelines(params, held.took_over)
             try:
                 with tracking.step_run(params, step, pipeline_run_id):
+                    timing.mark("run start")
                     yield params
+                    timing.mark("compute")
+                timing.mark("run end")
             except BaseException as err:
                 with suppress(Exception):  # an outage may be why the step failed
                     held.release()
@@ -76,9 +80,12 @@ def step_context(params_json: str, step: str, pipeline_run_id: str) -> Iterator[
                     raise TrackingUnavailableError(services.tracking_unavailable_message(
                         uri, problem, params.runtime.service_wait_seconds)) from err
                 raise
+        timing.mark("lease release")
 
 
 def ingest(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str) -> dict:
+    from lesionflow.steps import ingest as ingest_step
+
     with step_context(params_json, "ingest", pipeline_run_id) as params:
         outcome = ingest_step.run(params, Path(dataset_path))
     print(outcome.report.summary())
@@ -91,6 +98,9 @@ def ingest(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_pa
 
 def synthesize_video(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
                      out_path: str) -> dict:
+    from lesionflow.steps import ingest as ingest_step
+    from lesionflow.steps import synthesize_video as synthesize_video_step
+
     with step_context(params_json, "synthesize_video", pipeline_run_id) as params:
         report = synthesize_video_step.synthesize_video(params, Path(dataset_path), Path(out_path))
         version = ingest_step.version_and_log(params, Path(out_path))
@@ -101,6 +111,9 @@ def synthesize_video(params_json: str, pipeline_run_id: str, lineage_json: str, 
 
 def pseudo_label(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
                  out_path: str) -> dict:
+    from lesionflow.steps import ingest as ingest_step
+    from lesionflow.steps import pseudo_label as pseudo_label_step
+
     with step_context(params_json, "pseudo_label", pipeline_run_id) as params:
         report = pseudo_label_step.pseudo_label(params, Path(dataset_path), Path(out_path))
         version = ingest_step.version_and_log(params, Path(out_path))
@@ -111,6 +124,11 @@ def pseudo_label(params_json: str, pipeline_run_id: str, lineage_json: str, data
 
 def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
                model_path: str) -> dict:
+    import mlflow
+
+    from lesionflow.steps import meta_train as meta_train_step
+    from lesionflow.steps.train import init_version
+
     with step_context(params_json, "meta_train", pipeline_run_id) as params:
         run_id = mlflow.active_run().info.run_id
         warm_from = init_version(params)  # resolved once: the weights loaded = the version recorded
@@ -122,6 +140,8 @@ def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, datase
 
 def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
              model_path: str, report_path: str) -> dict:
+    from lesionflow.steps import evaluate as evaluate_step
+
     with step_context(params_json, "evaluate", pipeline_run_id) as params:
         result = evaluate_step.evaluate(params, Path(dataset_path), Path(model_path), Path(report_path))
     out = {**{k: result.candidate.table["overall"][k] for k in ("dice", "iou", "hd95")},
@@ -136,6 +156,12 @@ def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_
 def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_path: str,
              report_path: str) -> str:
     """Returns the run summary as JSON: the pipeline's output, printed by ``lesionflow run``."""
+    import mlflow
+
+    from lesionflow import tracking
+    from lesionflow.steps import evaluate as evaluate_step
+    from lesionflow.steps import register as register_step
+
     evaluation = evaluate_step.Evaluation.load(Path(report_path) / evaluate_step.REPORT_FILE)
     with step_context(params_json, "register", pipeline_run_id) as params:
         used = json.loads(lineage_json)

@@ -2,7 +2,9 @@
 the records of that split that neither model trained or selected on (the gate's fair ground).
 
 Metrics are measured at each image's own (canonical) resolution, not at the model's input size,
-so numbers stay comparable between models trained at different resolutions.
+so numbers stay comparable between models trained at different resolutions. Both models answer
+through the runtime a registered version serves through (``models/runtime.py``: ONNX Runtime,
+torch without it), so the metrics and frames/s are those of what will be served.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from lesionflow.lineage import (
     TAG_GATE_RECORD_SET,
 )
 from lesionflow.metrics import aggregate, image_metrics
-from lesionflow.models.router import LesionTypeRouter
-from lesionflow.models.segmenter import Segmenter
+from lesionflow.models import runtime
 from lesionflow.models.store import load_model
 from lesionflow.training import labelled
 
@@ -84,11 +85,12 @@ class Evaluation:
         return cls(raw["split"], ModelScore(**raw["candidate"]), comparison)
 
 
-def score_model(model: Segmenter | LesionTypeRouter, dataset_dir: Path, records: list[Record],
-                threshold: float, overlays: int = 0, prefix: str = "") -> ModelScore:
-    """Per-image metrics (HD95 in mm where the record's pixel spacing is known) aggregated per
-    lesion type; frames/s measured one frame at a time, as a real-time video stream would arrive
-    (pre- and post-processing included)."""
+def score_model(model, dataset_dir: Path, records: list[Record], threshold: float, overlays: int = 0,
+                prefix: str = "") -> ModelScore:
+    """Per-image metrics of ``model`` (anything with ``predict_proba``: a ``Segmenter``, a router
+    or their ``runtime.predictor``; HD95 in mm where the record's pixel spacing is known)
+    aggregated per lesion type; frames/s measured one frame at a time, as a real-time video stream
+    would arrive (pre- and post-processing included)."""
     rows = []
     start = time.perf_counter()
     for i, record in enumerate(records):
@@ -133,7 +135,7 @@ def compare_with_champion(params: Params, dataset_dir: Path, records: list[Recor
                         f"champion v{version}: there is nothing fair to compare on (was the champion "
                         "trained on this dataset's test split?)")
     try:
-        champion_model = registry.load_model(name, version)
+        champion_model = registry.load_pyfunc(name, version).predictor
     except RegistryError as err:
         raise RegistryError(f"champion v{version} could not be loaded for comparison: {err}") from err
     champion = score_model(champion_model, dataset_dir, compared, params.evaluate.threshold)
@@ -180,13 +182,14 @@ def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
     it that neither has seen; log tables and overlays."""
     records = select(read_manifest(dataset_dir), split)
     cfg = params.evaluate
-    candidate = score_model(load_model(model_dir), dataset_dir, records, cfg.threshold,
-                            overlays=cfg.n_overlays)
+    model = runtime.predictor(load_model(model_dir))  # exported as registration will export it
+    candidate = score_model(model, dataset_dir, records, cfg.threshold, overlays=cfg.n_overlays)
     result = Evaluation(split, candidate, compare_with_champion(params, dataset_dir, records, model_dir,
                                                                 candidate))
     for name, row in candidate.table.items():
         mlflow.log_metrics({f"{split}.{name}.{k}": v for k, v in row.items() if np.isfinite(v)})
     mlflow.log_metric("fps", candidate.fps)
+    mlflow.log_param("fps_runtime", runtime.runtime_name(model))
     mlflow.log_table(_columns(candidate.table), "per_type_metrics.json")
     if result.comparison is not None:
         c = result.comparison

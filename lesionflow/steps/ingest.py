@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 
-from lesionflow import corrections, lineage
+from lesionflow import corrections, lineage, timing
 from lesionflow.config import MetadataColumns, Params
 from lesionflow.corrections import CorrectionsVersion
 from lesionflow.data import synthetic
@@ -44,10 +44,12 @@ def build_dataset(params: Params, out_dir: Path) -> IngestReport:
 
 def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
     """DVC-version a finished dataset, push it, and put its identity in the active MLflow run."""
+    timing.mark("compute")  # the step's work until now; DVC's is timed on its own
     version = version_dataset(dataset_dir, remote=params.runtime.remote(),
                               endpoint_url=params.runtime.s3_endpoint_url,
                               workspace=params.runtime.resolved_workdir() / "dvc-workspace",
                               retry_seconds=params.runtime.service_wait_seconds)
+    timing.mark("dvc version")
     mlflow.set_tag(lineage.TAG_DATASET_MD5, version.md5)
     mlflow.log_param("dvc.remote", version.remote)
     mlflow.log_artifact(str(dataset_dir / FINGERPRINT))

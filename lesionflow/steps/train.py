@@ -18,7 +18,7 @@ from lesionflow.models.store import save_model
 from lesionflow.training import FitResult, SegmentationDataset, fit, labelled
 
 # ``model`` keys that decide the weights' shapes; dropout has no weights, so it may change
-_WEIGHT_KEYS = ("in_channels", "base_channels", "depth", "upsample")
+_FREE_KEYS = {"dropout"}  # model keys a warm start may change: they shape no weight
 
 
 def init_version(params: Params) -> str | None:
@@ -91,12 +91,13 @@ def _from_scratch(params: Params, dataset_dir: Path) -> Segmenter:
 
 def _warm_start(params: Params, version: str, source: Segmenter) -> Segmenter:
     name = params.runtime.model_name
-    wanted = params.model.model_dump()
-    differ = [k for k in _WEIGHT_KEYS if source.net.hparams[k] != wanted[k]]
+    wanted, have = ({"arch": "unet", **hparams} for hparams in (build_model(params.model).hparams,
+                                                                 source.net.hparams))
+    differ = [k for k in sorted((wanted.keys() | have.keys()) - _FREE_KEYS) if wanted.get(k) != have.get(k)]
     if differ:
         raise WarmStartError(
             f"train.init_from: {name} v{version} has another architecture: "
-            + ", ".join(f"model.{k} is {wanted[k]!r} here but {source.net.hparams[k]!r} in "
+            + ", ".join(f"model.{k} is {wanted.get(k)!r} here but {have.get(k)!r} in "
                         f"v{version}" for k in differ)
             + f"; set {'them' if len(differ) > 1 else 'it'} as in v{version} to fine-tune it, "
               "or train.init_from: null to train the new architecture from scratch")

@@ -21,8 +21,6 @@ ECCV 2012) that costs nothing.
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +32,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lesionflow.config import TrainConfig, WeakLabelConfig
+from lesionflow.data.augment import Augmenter, Strength
 from lesionflow.data.manifest import Record
 from lesionflow.data.transforms import load_image, load_target
 from lesionflow.errors import WeakLabelError
+from lesionflow.loop import TrainingLoop
 from lesionflow.losses import IGNORE, dice_bce_loss
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.progress import progress
@@ -54,7 +54,7 @@ class WeakGraphModel(nn.Module):
         super().__init__()
         self.segmenter, self.cfg = segmenter, cfg
         self.colour = segmenter.in_channels
-        self.gcn = GCN(segmenter.net.hparams["base_channels"] + self.colour, cfg.gcn_hidden, cfg.gcn_layers)
+        self.gcn = GCN(segmenter.net.feature_channels + self.colour, cfg.gcn_hidden, cfg.gcn_layers)
 
     def pixel_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8-scaled (B, C, S, S) → ((B, F + C, S, S) features ⊕ colour, (B, 1, S, S) logits)."""
@@ -158,7 +158,7 @@ class WeakTrainingSet(SegmentationDataset):
     rewrites every epoch (all ignore until the first annotation)."""
 
     def __init__(self, dataset_dir: Path, labelled: list[Record], weak: list[Record], model: Segmenter,
-                 default_error: float = 0.0, augment: bool = False, seed: int = 0):
+                 default_error: float = 0.0, augment: Strength = "none", seed: int = 0):
         if not weak:
             raise WeakLabelError("no weak records (image + area ratio) to learn from")
         missing = [r.id for r in weak if r.area_ratio is None]
@@ -170,7 +170,7 @@ class WeakTrainingSet(SegmentationDataset):
         self.masks = np.stack([load_target(dataset_dir, r, size) for r in labelled]
                               + [np.full((size, size), IGNORE, np.int8)] * len(weak))[:, None]
         self.weights = np.ones(len(self.images), np.float32)
-        self.augment, self.rng = augment, np.random.default_rng(seed)
+        self.augmenter = Augmenter(augment, seed)
         self.weak = slice(len(labelled), len(self.images))
         self.ratios = [r.area_ratio for r in weak]
         self.errors = [default_error if r.area_error is None else r.area_error for r in weak]
@@ -197,13 +197,10 @@ def fit_weak(segmenter: Segmenter, data: WeakTrainingSet, cfg: WeakLabelConfig, 
     model = WeakGraphModel(segmenter, cfg).to(device)
     loader = DataLoader(data, batch_size=train_cfg.batch_size, shuffle=True,
                         drop_last=len(data) > train_cfg.batch_size, generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_cfg.lr,
-                                                    total_steps=cfg.epochs * len(loader), pct_start=0.15)
+    loop = TrainingLoop(model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                        total_steps=cfg.epochs * len(loader), max_minutes=train_cfg.max_minutes)
     weak_images = data.images[data.weak]
-    best_state, best = copy.deepcopy(model.state_dict()), (cfg.epochs - 1, None)
     history: list[dict] = []
-    start = time.monotonic()
     for epoch in range(cfg.epochs):
         ranking = "gcn" if epoch else ("head" if pretrained else "prior")
         annotations = annotate(model, weak_images, data.ratios, data.errors, ranking, device, train_cfg.batch_size)
@@ -215,30 +212,23 @@ def fit_weak(segmenter: Segmenter, data: WeakTrainingSet, cfg: WeakLabelConfig, 
             logits, graphs, vertex_logits = model(image)
             pixel = dice_bce_loss(logits, target, dice_weight=train_cfg.dice_weight, bce_weight=train_cfg.bce_weight)
             graph = vertex_loss(graphs, vertex_logits, target)
-            loss = pixel + cfg.gcn_weight * graph
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            loop.step(pixel + cfg.gcn_weight * graph)
             pixel_losses.append(pixel.item())
             graph_losses.append(graph.item())
         row = {"epoch": epoch, "ranking": ranking, "pixel_loss": float(np.mean(pixel_losses)),
-               "vertex_loss": float(np.mean(graph_losses)), "seconds": time.monotonic() - start,
+               "vertex_loss": float(np.mean(graph_losses)), "seconds": loop.seconds,
                **{f"{k}_vertices": sum(a.counts[k] for a in annotations) for k in annotations[0].counts},
                "ignored_pixel_share": float(np.mean([(a.target == IGNORE).mean() for a in annotations]))}
         if val is not None:
             row["val_dice"] = validation_dice(segmenter, val, device, train_cfg.batch_size)
-            if best[1] is None or row["val_dice"] > best[1]:
-                best, best_state = (epoch, row["val_dice"]), copy.deepcopy(model.state_dict())
+            loop.select(epoch, row["val_dice"])
         history.append(row)
         if on_epoch:
             on_epoch(row)
-        if train_cfg.max_minutes and row["seconds"] > train_cfg.max_minutes * 60:
+        if loop.out_of_time():
             break
-    if val is not None:
-        model.load_state_dict(best_state)
-    else:
-        best = (len(history) - 1, None)
+    best = (loop.best_at, loop.best_score) if val is not None else (len(history) - 1, None)
+    loop.finish().to(device)  # the selected weights write the final pseudo-labels
     final = annotate(model, weak_images, data.ratios, data.errors, "gcn", device, train_cfg.batch_size)
     model.to("cpu").eval()
-    return WeakFitResult(final, best[0], best[1], time.monotonic() - start, history, model.state_dict())
+    return WeakFitResult(final, best[0], best[1], loop.seconds, history, model.state_dict())

@@ -1,0 +1,174 @@
+"""Which segmentation model to ship: accuracy, speed and training throughput, side by side.
+
+Arms are named model + train settings (``ARMS``; each applied over ``params.yaml`` +
+``configs/kvasir-seg.yaml``). For each arm, measured in one run:
+
+- ``params``: parameters (M);
+- ``train img/s``: images per second of one training step (forward, loss, backward, AdamW) at
+  the arm's image size and batch size, from the cached dataset — the throughput the Kvasir
+  setting trains at;
+- ``fps main`` / ``fps worker``: end-to-end frames/s (resize, normalise, network, sigmoid, resize
+  back) on 256×256 frames, batch 1, on the main thread and on a worker thread, through torch and
+  through ONNX Runtime (``ort``, what a registered version serves through);
+- with ``--train``: ``val Dice`` after training on the Kvasir-SEG train split (model selection
+  uses the validation split only) and, with ``--test`` (touch it once, at the end), ``test Dice``
+  on Kvasir-SEG test and on all of CVC-ClinicDB (never trained on).
+
+    python bench/model_bench.py                         # speed columns only (a minute)
+    python bench/model_bench.py --train --epochs 10     # + validation Dice (proxy budget)
+    python bench/model_bench.py --train --arms resunet24-strong --test
+
+Kvasir-SEG (Jha et al., MMM 2020) and CVC-ClinicDB (Bernal et al., CMIG 2015): research use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lesionflow import config
+from lesionflow.data.manifest import read_manifest
+from lesionflow.models import runtime
+from lesionflow.steps.evaluate import score_model
+from lesionflow.steps.ingest import build_dataset
+from lesionflow.steps.train import new_segmenter
+from lesionflow.training import SegmentationDataset, fit, labelled, training_loss
+
+DATA = REPO.parent / "shared" / "data"
+BEFORE = ["model.arch=unet", "model.base_channels=16", "train.augment=flips", "train.loss=dice_bce",
+          "train.deep_supervision=0", "train.ema_decay=null"]
+RESUNET = ["model.arch=resunet", "model.blocks=2", "train.loss=structure", "train.deep_supervision=0.4",
+           "train.ema_decay=0.995", "train.augment=strong"]
+ARMS: dict[str, list[str]] = {
+    "unet16 (before)": BEFORE,
+    "resunet16-strong": [*RESUNET, "model.base_channels=16"],
+    "resunet24-strong": [*RESUNET, "model.base_channels=24"],
+    "resunet32-strong": [*RESUNET, "model.base_channels=32"],
+    "resunet24-flips-dicebce": ["model.arch=resunet", "model.base_channels=24", "train.augment=flips",
+                                "train.loss=dice_bce", "train.deep_supervision=0", "train.ema_decay=null"],
+}
+
+
+def arm_params(arm: str, extra: list[str]) -> config.Params:
+    return config.load([REPO / "params.yaml", REPO / "configs" / "kvasir-seg.yaml"],
+                       [f"ingest.source={DATA / 'kvasir-seg'}", "train.max_minutes=null",
+                        "train.device=cpu", *ARMS[arm], *extra])
+
+
+def train_throughput(model, data: SegmentationDataset, cfg, steps: int) -> float:
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    model.train()
+    batches = iter(loader)
+    seconds = 0.0
+    for step in range(steps + 1):  # the first step warms allocators up and is not counted
+        start = time.perf_counter()
+        image, mask, weight = next(batches)
+        loss = training_loss(model, image, mask, weight, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds += (time.perf_counter() - start) * (step > 0)
+    return steps * cfg.batch_size / seconds
+
+
+def frames_per_second(model, frames: list[np.ndarray], on_worker: bool) -> float:
+    result = {}
+
+    def run() -> None:
+        model.predict_proba(frames[:3])
+        start = time.perf_counter()
+        for frame in frames:
+            model.predict_proba([frame])
+        result["fps"] = len(frames) / (time.perf_counter() - start)
+
+    if on_worker:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    else:
+        run()
+    return result["fps"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
+    ap.add_argument("--train", action="store_true", help="train each arm and report validation Dice")
+    ap.add_argument("--test", action="store_true", help="also score the test split and CVC-ClinicDB")
+    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=40)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lesionflow-model-bench")
+    ap.add_argument("--set", action="append", default=[], help="extra key=value overrides, all arms")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    extra = args.set + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+
+    kvasir = args.work / "kvasir-seg"
+    if not kvasir.exists():
+        build_dataset(arm_params(args.arms[0], extra), kvasir)
+    records = read_manifest(kvasir)
+    train, val, test = (labelled(records, s) for s in ("train", "val", "test"))
+    clinic = args.work / "cvc-clinicdb"
+    if args.test and not clinic.exists():
+        build_dataset(config.load([REPO / "params.yaml", REPO / "configs" / "cvc-clinicdb.yaml"], [
+            f"ingest.source={DATA / 'cvc-clinicdb'}", "ingest.split.train=0", "ingest.split.val=0", "ingest.split.test=1"]), clinic)
+    frames = [np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+              for i in range(args.frames)]
+    print(f"Kvasir-SEG: train {len(train)}, val {len(val)}, test {len(test)}; {args.threads} threads; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+    rows = []
+    for arm in args.arms:
+        params = arm_params(arm, extra)
+        cfg = params.train
+        model = new_segmenter(params, kvasir)
+        train_set = SegmentationDataset(kvasir, train, model, augment=cfg.augment, seed=params.seed)
+        row = {"arm": arm, "size": cfg.image_size,
+               "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
+               "train img/s": train_throughput(new_segmenter(params, kvasir), train_set, cfg, steps=6),
+               "fps main": frames_per_second(model.eval(), frames, on_worker=False),
+               "fps worker": frames_per_second(model.eval(), frames, on_worker=True)}
+        onnx = runtime.predictor(model.eval(), runtime="onnxruntime")
+        row.update({"ort fps main": frames_per_second(onnx, frames, on_worker=False),
+                    "ort fps worker": frames_per_second(onnx, frames, on_worker=True)})
+        if args.train:
+            fitted = fit(model, train_set, SegmentationDataset(kvasir, val, model), cfg, seed=params.seed,
+                         on_epoch=lambda r: print(f"  {arm} epoch {r['epoch'] + 1}: val Dice "
+                                                  f"{r['val_dice']:.3f} ({r['seconds'] / 60:.1f} min)"))
+            row.update({"epochs": fitted.epochs_run, "minutes": fitted.seconds / 60,
+                        "val Dice": score_model(model, kvasir, val, params.evaluate.threshold).overall("dice")})
+        if args.test:
+            row["test Dice"] = score_model(model, kvasir, test, params.evaluate.threshold).overall("dice")
+            row["ClinicDB Dice"] = score_model(model, clinic, labelled(read_manifest(clinic), "test"),
+                                               params.evaluate.threshold).overall("dice")
+        rows.append(row)
+        print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                                for c in columns) + " |")
+    base = rows[0]
+    for row in rows[1:]:
+        print(f"{row['arm']} / {base['arm']}: train img/s ×{row['train img/s'] / base['train img/s']:.2f}, "
+              f"fps ×{row['fps worker'] / base['fps worker']:.2f} (torch), "
+              f"×{row['ort fps worker'] / base['ort fps worker']:.2f} (ONNX Runtime)")
+
+
+if __name__ == "__main__":
+    main()

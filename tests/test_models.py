@@ -1,0 +1,135 @@
+"""The residual U-Net, the structure loss, augmentation random streams and the shared loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lesionflow.config import Params, TrainConfig
+from lesionflow.data.augment import Augmenter
+from lesionflow.loop import TrainingLoop
+from lesionflow.losses import IGNORE, structure_loss
+from lesionflow.models import build_model
+from lesionflow.models.resunet import ResUNet
+from lesionflow.models.segmenter import Segmenter
+from lesionflow.training import SegmentationDataset, reseed_worker, training_loss
+
+
+def test_resunet_features_then_head_equal_forward_and_aux_heads_are_full_size():
+    torch.manual_seed(0)
+    net = ResUNet(3, 8, 3).eval()
+    x = torch.randn(2, 3, 64, 96)
+    assert net(x).shape == (2, 1, 64, 96)
+    torch.testing.assert_close(net.head(net.features(x)), net(x), atol=1e-5, rtol=1e-4)
+    outs = net.forward_all(x)
+    assert len(outs) == 3 and all(o.shape == (2, 1, 64, 96) for o in outs)
+    torch.testing.assert_close(outs[0], net(x))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        net(torch.zeros(1, 3, 40, 40))
+
+
+def test_a_saved_resunet_loads_as_itself(tmp_path):
+    params = Params.model_validate({"model": {"arch": "resunet", "base_channels": 8, "depth": 2},
+                                    "train": {"image_size": 32}})
+    model = Segmenter(build_model(params.model), 32, [100.0] * 3, [50.0] * 3).eval()
+    model.save(tmp_path / "m.pt")
+    loaded = Segmenter.load(tmp_path / "m.pt").eval()
+    assert isinstance(loaded.net, ResUNet) and loaded.net.hparams == model.net.hparams
+    x = torch.rand(1, 3, 32, 32) * 255
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_resunet_sizes_and_deep_supervision_are_checked_up_front():
+    with pytest.raises(ValueError, match="multiple of 32 .*set train.image_size to 64 or 96"):
+        Params.model_validate({"model": {"arch": "resunet"}, "train": {"image_size": 80}})
+    with pytest.raises(ValueError, match="deep_supervision needs model.arch: resunet"):
+        Params.model_validate({"train": {"deep_supervision": 0.5}})
+    assert Params.model_validate({"train": {"augment": True}}).train.augment == "flips"
+    assert Params.model_validate({"train": {"augment": False}}).train.augment == "none"
+
+
+def test_structure_loss_ignores_ignored_pixels_and_weighs_the_edge_more():
+    target = torch.zeros(1, 1, 44, 44)
+    target[..., 12:32, 12:32] = 1
+    perfect = (target * 2 - 1) * 8
+    # whatever the logits say where the label is IGNORE changes nothing
+    ignored = target.clone()
+    ignored[..., :6, :] = IGNORE
+    noisy = perfect.clone()
+    noisy[..., :6, :] = torch.randn(1, 1, 6, 44) * 5
+    assert structure_loss(noisy, ignored).item() == pytest.approx(structure_loss(perfect, ignored).item(), abs=1e-6)
+    # the same number of wrong pixels costs more on the lesion's edge than far from it
+    edge, far = perfect.clone(), perfect.clone()
+    edge[..., 11, 12:32] = 8   # the row just above the lesion
+    far[..., 42, 12:32] = 8    # a row at the bottom of the image
+    assert structure_loss(edge, target) > structure_loss(far, target) > structure_loss(perfect, target)
+
+
+def test_deep_supervision_adds_the_coarser_levels_loss():
+    torch.manual_seed(0)
+    model = Segmenter(ResUNet(3, 8, 2), 32, [0.0] * 3, [1.0] * 3)
+    image, mask, weight = torch.rand(2, 3, 32, 32) * 255, (torch.rand(2, 1, 32, 32) > 0.5).float(), torch.ones(2)
+    plain = training_loss(model, image, mask, weight, TrainConfig(loss="structure"))
+    deep = training_loss(model, image, mask, weight, TrainConfig(loss="structure", deep_supervision=1.0))
+    assert deep.item() > plain.item()
+
+
+class _Arrays(SegmentationDataset):
+    def __init__(self, n: int, strength: str):
+        self.images = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        self.masks = np.zeros((n, 1, 32, 32), np.int8)
+        self.masks[:, :, 8:20, 8:24] = 1
+        self.weights = np.ones(n, np.float32)
+        self.augmenter = Augmenter(strength, 0)
+
+
+def _epochs(strength: str, workers: int, seed: int = 0) -> list[torch.Tensor]:
+    data = _Arrays(8, strength)
+    loader = DataLoader(data, batch_size=2, shuffle=False, num_workers=workers, worker_init_fn=reseed_worker,
+                        generator=torch.Generator().manual_seed(seed))
+    return [torch.cat([mask for _, mask, _ in loader]) for _ in range(2)]
+
+
+@pytest.mark.parametrize("strength", ["flips", "strong"])
+def test_each_worker_and_each_epoch_draws_its_own_augmentation(strength):
+    first, second = _epochs(strength, workers=2)
+    # the same image in two epochs is augmented differently (not the same draws replayed)
+    assert not torch.equal(first, second)
+    # samples 0-1 (worker 0) and 2-3 (worker 1) hold the same mask before augmentation; the
+    # two workers must not apply the same sequence of transforms
+    assert not torch.equal(first[0:2], first[2:4])
+    # ...and a rerun with the same seed draws the same numbers again
+    rerun = _epochs(strength, workers=2)
+    assert torch.equal(rerun[0], first) and torch.equal(rerun[1], second)
+
+
+def test_strong_augmentation_keeps_ignore_pixels_and_labels():
+    target = np.zeros((1, 48, 48), np.int8)
+    target[0, 10:30, 10:30] = 1
+    target[0, :, :4] = IGNORE
+    augment = Augmenter("strong", 1)
+    for _ in range(10):
+        image, out = augment(np.full((3, 48, 48), 128, np.uint8), target)
+        assert image.dtype == np.float32 and image.shape == (3, 48, 48)
+        assert set(np.unique(out)) <= {IGNORE, 0.0, 1.0}
+        assert (out == 1).sum() > 0
+
+
+def test_the_loop_ships_and_selects_the_moving_average():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    loop = TrainingLoop(model, lr=0.1, total_steps=20, ema_decay=0.9)
+    x = torch.randn(16, 4)
+    for step in range(20):
+        loop.step((model(x) - 1).pow(2).mean())
+        if step == 5:
+            loop.select(step, 1.0)
+            kept = {k: v.clone() for k, v in loop.shipped.state_dict().items()}
+        if step == 10:
+            assert not loop.select(step, 0.5)  # worse: not kept
+    assert loop.best_at == 5
+    assert not torch.equal(loop.shipped.weight, model.weight)  # the average lags the weights
+    loop.finish()
+    assert torch.equal(model.weight, kept["weight"]) and torch.equal(model.bias, kept["bias"])
