@@ -1,4 +1,4 @@
-"""Supervised training of a ``Segmenter``: in-memory dataset, Dice + BCE, best-on-validation.
+"""Supervised training of a ``Segmenter``: in-memory dataset, ``train.loss``, best-on-validation.
 
 Meta-training (a later step) reuses ``SegmentationDataset`` and the loss; this module is the
 plain baseline it is compared against.
