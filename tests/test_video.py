@@ -164,7 +164,7 @@ def test_clip_orders():
 
 
 def test_video_config_fails_loudly():
-    with pytest.raises(ConfigError, match="multiple of 2"):
+    with pytest.raises(ConfigError, match="video.image_size 60 must be a multiple of 8 .*set video.image_size to 56 or 64"):
         config.load(None, ["video.image_size=60", "video.depth=3"])
     with pytest.raises(ConfigError, match="video.mask_phi"):
         config.load(None, ["video.mask_phi=ssim"])
