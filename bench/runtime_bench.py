@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,12 +44,12 @@ from bench.serving_bench import (
     clients,
     images,
     in_process,
+    lesionflow_serve,
     post_all,
     register,
 )
 from lesionflow import config, registry
 from lesionflow.models.pyfunc import SegmentationModel
-from tests.conftest import free_port, wait_http
 
 TARGET_FPS, TARGET_SERVED = 60.0, 0.8  # issue 13: 2× real time in-process; served ≥ 0.8× that
 
@@ -89,16 +87,9 @@ def main() -> None:
         assert served.runtime_name == "onnxruntime", "onnxruntime is not installed"
         models = {"torch": SegmentationModel.wrap(served.model, served.threshold), "onnxruntime": served}
 
-        port = free_port()
-        cmd = [str(Path(sys.executable).parent / "lesionflow"), "serve", "--port", str(port),
-               *[a for o in overrides for a in ("--set", o)]]
-        with open(Path(tmp) / "serve.log", "w") as log:
-            server = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        url = f"http://127.0.0.1:{port}/predict"
         rates: dict[str, list] = {}
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=server)
+        with lesionflow_serve(overrides, tmp, cwd=tmp) as (base, _):
+            url = f"{base}/predict"
             post_all(url, bodies[:4])  # warm-up of every side
             for model in models.values():
                 frames_per_second(model, frames[:4])
@@ -109,9 +100,6 @@ def main() -> None:
                     rates.setdefault(f"{name}, main thread", []).append(frames_per_second(model, frames))
                 rates.setdefault("in-process PNG, worker", []).append(on_worker(in_process, served, bodies))
                 rates.setdefault("served, 8 clients", []).append(clients(url, bodies, 8))
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
 
     fps = {k: np.median(v, axis=0) for k, v in rates.items()}  # per column: (frames/s, CPU ms)
     m = params.model

@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -92,6 +94,26 @@ def clients(url: str, bodies: list[bytes], n: int) -> float:
     return len(bodies) / (time.perf_counter() - start)
 
 
+@contextmanager
+def lesionflow_serve(overrides: list[str], log_dir: str, cwd: Path | str = REPO,
+                     env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``lesionflow serve`` process on a free loopback port, ready (``/ping``) when this
+    yields its base URL and process; its whole process group is stopped on exit."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "lesionflow"), "serve", "--host", "127.0.0.1",
+           "--port", str(port), *[a for o in overrides for a in ("--set", o)]]
+    with open(Path(log_dir) / "serve.log", "w") as log:
+        server = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/ping", timeout=120, proc=server)
+        yield base, server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48, help="requests per mode and round")
@@ -105,15 +127,8 @@ def main() -> None:
         model = registry.load_pyfunc(NAME, "champion")
         bodies = images(args.requests)
 
-        port = free_port()
-        cmd = [str(Path(sys.executable).parent / "lesionflow"), "serve", "--port", str(port),
-               *[a for o in overrides for a in ("--set", o)]]
-        with open(Path(tmp) / "serve.log", "w") as log:
-            server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        url = f"http://127.0.0.1:{port}/predict"
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=server)
+        with lesionflow_serve(overrides, tmp) as (base, _):
+            url = f"{base}/predict"
             post_all(url, bodies[:4])  # warm-up of both sides
             in_process(model, bodies[:4])
             rates: dict[str, list[float]] = {"in-process": [], "in-process, main thread": [],
@@ -124,9 +139,6 @@ def main() -> None:
                 rates["in-process, main thread"].append(in_process(model, bodies))
                 rates["1 client"].append(clients(url, bodies, 1))
                 rates["8 clients"].append(clients(url, bodies, 8))
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
 
     median = {k: float(np.median(v)) for k, v in rates.items()}
     base = median["in-process"]

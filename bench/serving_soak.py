@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,13 +41,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.serving_bench import SIDE
+from bench.serving_bench import SIDE, lesionflow_serve
 from bench.serving_bench import images as png_images
 from lesionflow import config, lineage, registry, tracking
 from lesionflow.models import build_model
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.serving import RELOAD_TOKEN_ENV
-from tests.conftest import free_port, wait_http
 
 NAME = "bench-soak"
 
@@ -122,45 +119,36 @@ def main() -> int:
         images = png_images(8)
         token = secrets.token_hex(16)
 
-        port = free_port()
-        cmd = [str(Path(sys.executable).parent / "lesionflow"), "serve", "--host", "127.0.0.1",
-               "--port", str(port), *[a for o in overrides for a in ("--set", o)]]
-        with open(Path(tmp) / "serve.log", "w") as log:
-            server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, RELOAD_TOKEN_ENV: token}, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
         rss: list[int] = []
         stop_sampling = threading.Event()
-        try:
-            wait_http(f"{base}/ping", timeout=120, proc=server)
-            rss.append(rss_bytes(server.pid))  # loaded and warmed up, before any request
+        with lesionflow_serve(overrides, tmp, env={**os.environ, RELOAD_TOKEN_ENV: token}) as (base, server):
+            try:
+                rss.append(rss_bytes(server.pid))  # loaded and warmed up, before any request
 
-            def sample() -> None:
-                while not stop_sampling.wait(1.0):
-                    rss.append(rss_bytes(server.pid))
+                def sample() -> None:
+                    while not stop_sampling.wait(1.0):
+                        rss.append(rss_bytes(server.pid))
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            start = time.monotonic()
-            until = start + args.seconds
-            with ThreadPoolExecutor(args.clients) as pool:
-                runs = [pool.submit(client, f"{base}/predict", images, until) for _ in range(args.clients)]
-                time.sleep(args.seconds / 2)
-                before_reload = rss_bytes(server.pid)
-                registry.move_alias(NAME, "champion", "2", why="soak reload", action="set")
-                asked = time.monotonic()
-                reload = requests.post(f"{base}/reload", headers={"Authorization": f"Bearer {token}"},
-                                       timeout=120)
-                reloaded = time.monotonic()
-                outcomes = [o for run in runs for o in run.result()]
-            elapsed = time.monotonic() - start
-            stop_sampling.set()
-            sampler.join()
-            rss.append(rss_bytes(server.pid))
-        finally:
-            stop_sampling.set()
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                start = time.monotonic()
+                until = start + args.seconds
+                with ThreadPoolExecutor(args.clients) as pool:
+                    runs = [pool.submit(client, f"{base}/predict", images, until) for _ in range(args.clients)]
+                    time.sleep(args.seconds / 2)
+                    before_reload = rss_bytes(server.pid)
+                    registry.move_alias(NAME, "champion", "2", why="soak reload", action="set")
+                    asked = time.monotonic()
+                    reload = requests.post(f"{base}/reload", headers={"Authorization": f"Bearer {token}"},
+                                           timeout=120)
+                    reloaded = time.monotonic()
+                    outcomes = [o for run in runs for o in run.result()]
+                elapsed = time.monotonic() - start
+                stop_sampling.set()
+                sampler.join()
+                rss.append(rss_bytes(server.pid))
+            finally:
+                stop_sampling.set()  # the sampler must not outlive the server
 
     statuses = Counter(o.status for o in outcomes)
     errors = Counter(o.error for o in outcomes if o.error)
