@@ -27,7 +27,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,9 +36,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.runtime_bench import frames_per_second, on_worker
 from lesionflow import config
 from lesionflow.data.manifest import read_manifest
 from lesionflow.models import runtime
+from lesionflow.models.pyfunc import SegmentationModel
 from lesionflow.steps.evaluate import score_model
 from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.train import new_segmenter
@@ -83,23 +84,18 @@ def train_throughput(model, data: SegmentationDataset, cfg, steps: int) -> float
     return steps * cfg.batch_size / seconds
 
 
-def frames_per_second(model, frames: list[np.ndarray], on_worker: bool) -> float:
-    result = {}
-
-    def run() -> None:
-        model.predict_proba(frames[:3])
-        start = time.perf_counter()
-        for frame in frames:
-            model.predict_proba([frame])
-        result["fps"] = len(frames) / (time.perf_counter() - start)
-
-    if on_worker:
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join()
-    else:
-        run()
-    return result["fps"]
+def speed_columns(model, frames: list[np.ndarray]) -> dict[str, float]:
+    """Frames/s (runtime_bench's end-to-end loop) through torch and ONNX Runtime, main and worker
+    thread."""
+    torch_model = SegmentationModel.wrap(model.eval())
+    onnx = SegmentationModel.wrap(model)
+    onnx.predictor = runtime.predictor(model, runtime="onnxruntime")
+    columns = {}
+    for prefix, wrapped in (("", torch_model), ("ort ", onnx)):
+        frames_per_second(wrapped, frames[:3])  # warm-up
+        columns[f"{prefix}fps main"] = frames_per_second(wrapped, frames)[0]
+        columns[f"{prefix}fps worker"] = on_worker(frames_per_second, wrapped, frames)[0]
+    return columns
 
 
 def main() -> None:
@@ -139,11 +135,7 @@ def main() -> None:
         row = {"arm": arm, "size": cfg.image_size,
                "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
                "train img/s": train_throughput(new_segmenter(params, kvasir), train_set, cfg, steps=6),
-               "fps main": frames_per_second(model.eval(), frames, on_worker=False),
-               "fps worker": frames_per_second(model.eval(), frames, on_worker=True)}
-        onnx = runtime.predictor(model.eval(), runtime="onnxruntime")
-        row.update({"ort fps main": frames_per_second(onnx, frames, on_worker=False),
-                    "ort fps worker": frames_per_second(onnx, frames, on_worker=True)})
+               **speed_columns(model, frames)}
         if args.train:
             fitted = fit(model, train_set, SegmentationDataset(kvasir, val, model), cfg, seed=params.seed,
                          on_epoch=lambda r: print(f"  {arm} epoch {r['epoch'] + 1}: val Dice "
