@@ -30,7 +30,7 @@ from lesionflow.errors import ConfigError
 
 
 class _Section(BaseModel):
-    # numbers are accepted where text is expected: `--set train.init_from=3` and `train_cpu: 4`
+    # numbers are accepted where text is expected: `--set train.init_from=3` and `cpu: 4`
     # parse as YAML integers, but a version number or a CPU count is what they mean
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
@@ -472,6 +472,47 @@ class CorrectionsConfig(_Section):
         return value
 
 
+class ClusterTrainConfig(_Section):
+    """Where the steps that train run on Kubernetes: node placement and resources per node, and
+    with ``num_nodes`` > 1 a Kubeflow Trainer TrainJob for meta_train (``lesionflow.trainjob``)."""
+
+    num_nodes: int = Field(
+        1, ge=1, description="1: meta_train trains in its step's own pod | > 1: in a TrainJob of "
+        "this many nodes (Kubeflow Trainer, needs an s3:// DVC remote and an http(s) MLflow server)")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu limit per node (and of synthesize_video)")
+    cpu: str | None = Field(None, description='request = limit per node, e.g. "4"')
+    memory: str | None = Field(None, description="request = limit per node, e.g. 16Gi")
+    node_selector: dict[str, str] = Field(
+        {}, description='e.g. {nvidia.com/gpu.present: "true"} for the nodes that train')
+    procs_per_node: int | None = Field(
+        None, ge=1, description="TrainJob: torch processes per node (null: the runtime's auto, one "
+        "per GPU, else one per requested CPU)")
+    runtime: str = Field(
+        "torch-distributed", min_length=1, description="TrainJob: the ClusterTrainingRuntime it "
+        "runs on")
+    namespace: str | None = Field(
+        None, description="TrainJob: its namespace (null: the step pod's own, else the kubeconfig "
+        "context's)")
+    output_prefix: str | None = Field(
+        None, description="TrainJob: s3://bucket/prefix where rank 0 leaves the model for the step "
+        "(null: s3://<bucket of runtime.dvc_remote>/trainjobs)")
+    timeout_minutes: float = Field(
+        240, gt=0, description="TrainJob: deleted and the step failed after this long")
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _s3_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"s3://[^/]{3,}(/.*)?", value):
+            raise ValueError(f"{value!r} must be s3://bucket/prefix (the pods and the step share "
+                             "no disk), or null")
+        return value
+
+
+# the flat keys the training steps' resources had before they moved into cluster.train
+_MOVED_CLUSTER_KEYS = {"train_node_selector": "node_selector", "train_gpus": "gpus",
+                       "train_cpu": "cpu", "train_memory": "memory"}
+
+
 class ClusterConfig(_Section):
     """Kubernetes settings compiled into the pipeline (kfp-kubernetes); ignored by kfp.local."""
 
@@ -482,18 +523,24 @@ class ClusterConfig(_Section):
          "MLFLOW_TRACKING_PASSWORD", "LESIONFLOW_PSEUDONYM_KEY"],
         description="keys of that Secret passed to every step (S3 and MLflow credentials, the "
         "pseudonym key)")
-    train_node_selector: dict[str, str] = Field(
-        {}, description='e.g. {nvidia.com/gpu.present: "true"} for the training steps')
-    train_gpus: int = Field(0, ge=0, description="nvidia.com/gpu limit of the training steps")
-    train_cpu: str | None = Field(
-        None, description='request = limit of the training steps, e.g. "4"')
-    train_memory: str | None = Field(
-        None, description="request = limit of the training steps, e.g. 16Gi")
+    train: ClusterTrainConfig = Field(
+        ClusterTrainConfig(), description="the steps that train (synthesize_video, meta_train): "
+        "resources, placement, TrainJob")
     artifacts_pvc: str | None = Field(
         None, description="a PVC mounted at artifacts_mount in every step (else S3 only)")
     artifacts_mount: str = Field("/mnt/lesionflow", description="where artifacts_pvc is mounted")
     pipeline_root: str | None = Field(
         None, description="KFP artifact store, e.g. s3://lesionflow-data/kfp (null: KFP's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        """Files written before cluster.train existed: name where each flat key went."""
+        moved = [key for key in _MOVED_CLUSTER_KEYS if isinstance(raw, dict) and key in raw]
+        if moved:
+            raise ValueError("; ".join(f"cluster.{key} moved: set cluster.train.{_MOVED_CLUSTER_KEYS[key]}"
+                                       for key in moved))
+        return raw
 
 
 class Params(_Section):
@@ -555,6 +602,14 @@ class Params(_Section):
             problems.append("meta_train.query_from: other_task needs a second task, but with "
                             "per_lesion_type: true and task_by: lesion_type each model has one: set "
                             "meta_train.query_from: same_task or meta_train.task_by: group")
+        if self.cluster.train.num_nodes > 1:
+            runtime = self.runtime
+            if not (runtime.dvc_remote or "").startswith("s3://"):
+                problems.append("cluster.train.num_nodes > 1 needs runtime.dvc_remote: "
+                                "s3://bucket/prefix (the training pods restore the dataset from it)")
+            if not (runtime.mlflow_tracking_uri or "").startswith(("http://", "https://")):
+                problems.append("cluster.train.num_nodes > 1 needs runtime.mlflow_tracking_uri: "
+                                "http(s)://… (the training pods log to it and load warm-start weights)")
         problems = [p for p in problems if p]
         if problems:
             raise ValueError("\n  ".join(problems))

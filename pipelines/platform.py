@@ -6,6 +6,7 @@ They only land in the compiled YAML's ``platforms.kubernetes`` section; kfp.loca
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+import lesionflow
 from lesionflow.config import ClusterConfig
 
 
@@ -23,14 +24,17 @@ def configure(task: PipelineTask, cluster: ClusterConfig, *, trains: bool = Fals
         kubernetes.mount_pvc(task, pvc_name=cluster.artifacts_pvc, mount_path=cluster.artifacts_mount)
     if not trains:
         return task
-    for key, value in cluster.train_node_selector.items():
+    train = cluster.train
+    for key, value in train.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    if cluster.train_gpus:
-        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(cluster.train_gpus)
+    if train.gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train.gpus)
         # GPU nodes are usually tainted so only GPU work lands there
         kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
-    if cluster.train_cpu:
-        task.set_cpu_request(cluster.train_cpu).set_cpu_limit(cluster.train_cpu)
-    if cluster.train_memory:
-        task.set_memory_request(cluster.train_memory).set_memory_limit(cluster.train_memory)
+    if train.cpu:
+        task.set_cpu_request(train.cpu).set_cpu_limit(train.cpu)
+    if train.memory:
+        task.set_memory_request(train.memory).set_memory_limit(train.memory)
+    if train.num_nodes > 1:  # the step's TrainJob runs the image the pipeline runs (lesionflow.IMAGE)
+        task.set_env_variable("LESIONFLOW_IMAGE", lesionflow.IMAGE)
     return task

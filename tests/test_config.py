@@ -127,9 +127,9 @@ def test_cross_field_problems_are_listed_together():
 
 def test_version_numbers_may_be_given_as_numbers():
     params = config.load(None, ["train.init_from=3", "serve.model=2", "pseudo_label.model=1",
-                                "cluster.train_cpu=4"])
+                                "cluster.train.cpu=4"])
     assert (params.train.init_from, params.serve.model, params.pseudo_label.model,
-            params.cluster.train_cpu) == ("3", "2", "1", "4")
+            params.cluster.train.cpu) == ("3", "2", "1", "4")
 
 
 @pytest.mark.parametrize("content, says", [

@@ -94,8 +94,8 @@ def test_submit_refuses_local_only_settings(kfp_host):
 def test_schedule_creates_a_recurring_run_with_cluster_settings(kfp_host, capsys):
     rc = cli.main(["submit", "--host", kfp_host, "--params", str(REPO / "params.yaml"), *CLUSTER,
                    "--schedule", "30 2 * * *", "--run-name", "nightly-retrain",
-                   "--set", "cluster.train_gpus=1", "--set", "cluster.train_memory=16Gi",
-                   "--set", "cluster.train_node_selector={pool: gpu}",
+                   "--set", "cluster.train.gpus=1", "--set", "cluster.train.memory=16Gi",
+                   "--set", "cluster.train.node_selector={pool: gpu}",
                    "--set", "cluster.pipeline_root=s3://lesionflow-data/kfp"])
     assert rc == 0
     assert "submitted recurring run rec-7 (30 2 * * *)" in capsys.readouterr().out
@@ -106,7 +106,7 @@ def test_schedule_creates_a_recurring_run_with_cluster_settings(kfp_host, capsys
     # KFP's scheduler wants six fields, seconds first; one run at a time, no backfill
     assert job["trigger"]["cron_schedule"]["cron"] == "0 30 2 * * *"
     assert int(job["max_concurrency"]) == 1 and job["no_catchup"] is True
-    assert json.loads(job["runtime_config"]["parameters"]["params_json"])["cluster"]["train_gpus"] == 1
+    assert json.loads(job["runtime_config"]["parameters"]["params_json"])["cluster"]["train"]["gpus"] == 1
     assert job["runtime_config"]["pipeline_root"] == "s3://lesionflow-data/kfp"
     executors = job["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert executors["exec-meta-train"]["nodeSelector"]["labels"] == {"pool": "gpu"}
