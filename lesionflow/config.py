@@ -151,6 +151,10 @@ class IngestConfig(_Section):
     pseudonymize_ids: bool = Field(
         False, description="keyed pseudonyms for the ids, groups and paths of every source "
         "(DICOM sources always get them)")
+    layout: Literal["files", "shards"] = Field(
+        "files", description="how the DVC version stores the dataset: files (one object per image "
+        "and mask) | shards (WebDataset tars, one split each; for large datasets, see docs/scaling.md)")
+    shard_mb: float = Field(256, gt=0, description="layout shards: MiB of images and masks per shard")
 
 
 class SyntheticConfig(_Section):

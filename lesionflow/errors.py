@@ -152,3 +152,8 @@ class EmptySplitError(LesionflowError):
 
 class SubmitError(LesionflowError):
     """The KFP endpoint answered but refused a submission (unknown experiment, no access, ...)."""
+
+
+class ShardError(DatasetError):
+    """A sharded dataset cannot be written or read: files no record names, a shard that does not
+    match its index or its records' hashes, fewer shards than ranks that must each read their own."""

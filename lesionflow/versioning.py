@@ -10,6 +10,7 @@ the shared inodes. The real ``dvc`` CLI is used rather than DVC's unstable Pytho
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -30,6 +32,7 @@ from lesionflow.errors import DatasetVersionError, RemoteUnavailableError
 from lesionflow.services import with_remote_retries
 
 REMOTE_NAME = "storage"
+OBJECTS = "files/md5"  # DVC 3's content-addressed layout on a remote: files/md5/<2 hex>/<30 hex>
 _DIR_HASH = re.compile(r"[0-9a-f]{32}\.dir")
 _STDERR_TAIL = 15  # lines of dvc's output kept in error messages
 # dvc/s3fs/botocore wording of a remote that is down, slow or briefly failing (worth a retry);
@@ -81,11 +84,13 @@ def version_dataset(dataset_dir: Path, *, remote: str, endpoint_url: str | None 
 
 
 def restore_dataset(md5: str, dest: Path, *, remote: str, endpoint_url: str | None = None,
-                    retry_seconds: float = SERVICE_WAIT) -> Path:
+                    retry_seconds: float = SERVICE_WAIT, keep_shards: bool = False) -> Path:
     """Materialise dataset version ``md5`` at ``dest`` from the remote alone (no git, no cache).
 
     Pulls into a temporary workspace next to ``dest`` and renames ``data/`` into place, so on
-    any failure ``dest`` is left absent (or as the empty directory it was).
+    any failure ``dest`` is left absent (or as the empty directory it was). A version stored as
+    shards (``ingest.layout: shards``) is unpacked to the files layout every step reads, unless
+    ``keep_shards``.
     """
     if not _DIR_HASH.fullmatch(md5):
         raise DatasetVersionError(f"{md5!r} is not a DVC directory hash (32 hex digits + '.dir')")
@@ -112,11 +117,53 @@ def restore_dataset(md5: str, dest: Path, *, remote: str, endpoint_url: str | No
         for path in (ws / "data").rglob("*"):
             if path.is_file():  # DVC leaves cache-linked files read-only
                 path.chmod(path.stat().st_mode | stat.S_IWUSR)
+        # torch and webdataset: imported only by restores
+        from lesionflow.data import shards
+
+        if shards.is_sharded(ws / "data") and not keep_shards:
+            if dest.exists():
+                dest.rmdir()  # empty (checked above); unshard writes it fresh
+            return shards.unshard(ws / "data", dest)
         try:
             (ws / "data").rename(dest)
         except OSError as err:
             raise DatasetVersionError(f"cannot move restored dataset into {dest}: {err}") from err
     return dest
+
+
+def remote_listing(md5: str, *, remote: str, endpoint_url: str | None = None) -> dict[str, str]:
+    """{relative path: object md5} of dataset version ``md5``, read from the remote's ``.dir``
+    object: what a reader needs to fetch single files of a version without pulling it."""
+    if not _DIR_HASH.fullmatch(md5):
+        raise DatasetVersionError(f"{md5!r} is not a DVC directory hash (32 hex digits + '.dir')")
+    with open_remote_object(md5, remote=remote, endpoint_url=endpoint_url) as f:
+        return {entry["relpath"]: entry["md5"] for entry in json.load(f)}
+
+
+def open_remote_object(md5: str, *, remote: str, endpoint_url: str | None = None) -> BinaryIO:
+    """A stream of one object of the remote (read as it arrives; nothing lands on disk)."""
+    url = _remote_url(remote, endpoint_url)
+    key = f"{OBJECTS}/{md5[:2]}/{md5[2:]}"
+    if "://" not in url:
+        try:
+            return open(Path(url) / key, "rb")
+        except FileNotFoundError:
+            raise DatasetVersionError(f"object {md5} is not on remote {url}: the version was never "
+                                      "pushed there or objects were deleted") from None
+    if not url.startswith("s3://"):
+        raise DatasetVersionError(f"objects can be streamed from s3:// or folder remotes, not {url}")
+    import boto3  # S3 only
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=endpoint_url)
+    try:  # botocore retries transient failures itself
+        return client.get_object(Bucket=bucket, Key=f"{prefix.strip('/')}/{key}".lstrip("/"))["Body"]
+    except ClientError as err:
+        raise DatasetVersionError(f"object {md5} cannot be read from remote {url}: {err}") from None
+    except BotoCoreError as err:
+        raise RemoteUnavailableError(f"the DVC remote {url} (endpoint {endpoint_url}) is unavailable: "
+                                     f"{err}") from None
 
 
 def _version(dataset_dir: Path, url: str, endpoint_url: str | None, ws: Path,

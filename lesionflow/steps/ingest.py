@@ -43,12 +43,23 @@ def build_dataset(params: Params, out_dir: Path) -> IngestReport:
 
 
 def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
-    """DVC-version a finished dataset, push it, and put its identity in the active MLflow run."""
+    """DVC-version a finished dataset, push it, and put its identity in the active MLflow run.
+    With ``ingest.layout: shards`` the version holds the dataset's shards, not its files (the
+    step's output stays in the files layout the next steps read)."""
     timing.mark("compute")  # the step's work until now; DVC's is timed on its own
-    version = version_dataset(dataset_dir, remote=params.runtime.remote(),
-                              endpoint_url=params.runtime.s3_endpoint_url,
-                              workspace=params.runtime.resolved_workdir() / "dvc-workspace",
-                              retry_seconds=params.runtime.service_wait_seconds)
+    with tempfile.TemporaryDirectory(prefix=".shards-", dir=dataset_dir.parent) as tmp:
+        stored = dataset_dir
+        if params.ingest.layout == "shards":
+            # torch and webdataset: imported only here
+            from lesionflow.data.shards import write_shards
+
+            stored = Path(tmp) / "dataset"
+            write_shards(dataset_dir, stored, params.ingest.shard_mb)
+            timing.mark("shards")
+        version = version_dataset(stored, remote=params.runtime.remote(),
+                                  endpoint_url=params.runtime.s3_endpoint_url,
+                                  workspace=params.runtime.resolved_workdir() / "dvc-workspace",
+                                  retry_seconds=params.runtime.service_wait_seconds)
     timing.mark("dvc version")
     mlflow.set_tag(lineage.TAG_DATASET_MD5, version.md5)
     mlflow.log_param("dvc.remote", version.remote)
