@@ -5,6 +5,11 @@ Each trainer owns what differs — how a batch becomes a loss, when to re-rank t
 superpixels — and hands the rest to one ``TrainingLoop``: the optimizer and its one-cycle LR
 schedule, the moving average of the weights (EMA), model selection on validation, and the
 wall-time budget. So the three are compared on equal terms, and a better loop helps all three.
+
+In a process group (``lesionflow.distributed``, under torchrun) the loop is also where the ranks
+meet: they start from rank 0's weights, every optimizer step uses the gradients averaged over the
+ranks, buffers follow rank 0's, and rank 0 decides selection and the budget — so every rank holds
+the same model throughout, and the trainers only shard their data.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from lesionflow import distributed
+
 
 class TrainingLoop:
     """AdamW + one-cycle over ``total_steps``; ``shipped`` is what validates and ships (the EMA of
@@ -24,10 +31,14 @@ class TrainingLoop:
     def __init__(self, model: nn.Module, *, lr: float, total_steps: int, weight_decay: float = 0.0,
                  ema_decay: float | None = None, max_minutes: float | None = None):
         self.model, self.max_minutes = model, max_minutes
+        distributed.broadcast_([*model.parameters(), *model.buffers()])
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.15)
+        if distributed.world_size() > 1:  # also for trainers that call optimizer.step themselves
+            self.optimizer.register_step_pre_hook(
+                lambda *_: distributed.average_gradients(self.model.parameters()))
         # use_buffers: batch-norm statistics are averaged too, so the EMA is a model of its own
         self.ema = (AveragedModel(model, multi_avg_fn=_ema_with_warmup(ema_decay), use_buffers=True)
                     if ema_decay else None)
@@ -59,12 +70,14 @@ class TrainingLoop:
     def after_step(self) -> None:
         """Advance the schedule and the average; for trainers that step ``optimizer`` themselves
         (meta-training writes the outer gradient by hand)."""
+        distributed.broadcast_(self.model.buffers())  # per-rank batch-norm statistics → rank 0's
         self.scheduler.step()
         if self.ema:
             self.ema.update_parameters(self.model)
 
     def select(self, at: int, score: float) -> bool:
-        """Keep ``shipped``'s weights if ``score`` (validation) is the best so far."""
+        """Keep ``shipped``'s weights if ``score`` (validation) is the best so far (rank 0's)."""
+        score = distributed.from_main(score)
         if self.best_score is not None and score <= self.best_score:
             return False
         self.best_at, self.best_score = at, score
@@ -72,7 +85,7 @@ class TrainingLoop:
         return True
 
     def out_of_time(self) -> bool:
-        return bool(self.max_minutes) and self.seconds > self.max_minutes * 60
+        return distributed.from_main(bool(self.max_minutes) and self.seconds > self.max_minutes * 60)
 
     def finish(self) -> nn.Module:
         """The model with the selected weights (else ``shipped``'s last ones), on CPU, eval mode."""

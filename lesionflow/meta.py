@@ -40,7 +40,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
+from lesionflow import distributed
 from lesionflow.config import MetaTrainConfig
+from lesionflow.errors import ConfigError
 from lesionflow.loop import TrainingLoop
 from lesionflow.losses import dice_bce_loss
 from lesionflow.training import SegmentationDataset, pick_device, validation_dice
@@ -159,11 +161,15 @@ def inner_adapt(model: nn.Module, params: Weights, buffers: Weights, scratch: We
     saved model never produces, so they write into ``scratch``, a throwaway copy.
     With ``create_graph=False`` the temporary weights are fresh leaves (first-order: no graph back
     to ``params``); with ``True`` they stay differentiable functions of ``params``.
+    In a process group each rank holds part of the support batch, and the inner gradients are
+    averaged over the ranks (first-order only), so every rank adapts to the same weights.
     """
     fast, first = params, None
     for step in range(inner_steps):
         loss = _loss(model, fast, buffers if step == 0 else scratch, batch, loss_fn)
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+        if not create_graph:
+            grads = distributed.average(grads)
         if create_graph:
             fast = {k: w - inner_lr * g for (k, w), g in zip(fast.items(), grads)}
         else:
@@ -247,7 +253,12 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
     ``per_lesion_type`` are for the caller, which builds the tasks. The outer learning rate follows
     a one-cycle schedule, as plain training's does. With ``validation``, the model is scored on it
     at every re-rank and at the end, and the best weights are kept (plain training's model
-    selection, so the two are compared on equal terms). Returns the model on CPU, in eval mode."""
+    selection, so the two are compared on equal terms). Returns the model on CPU, in eval mode.
+
+    In a process group (first-order only) every rank draws the same ``W·support_size`` support and
+    ``W·query_size`` query indices and trains on its every-W-th part: the loop and ``inner_adapt``
+    average the gradients, so W ranks take the outer steps one process takes with W-times the
+    batches. Task order follows rank 0's scores; only rank 0 calls ``on_step``."""
     if not tasks:
         raise ValueError("meta-training needs at least one task")
     if cfg.query_from == "other_task" and len(tasks) < 2:
@@ -255,10 +266,17 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
     by_name = {t.name: t for t in tasks}
     if len(by_name) != len(tasks):
         raise ValueError("task names must be unique")
+    world = distributed.world_size()
+    if world > 1 and cfg.order != "first":
+        raise ConfigError("distributed meta-training averages first-order gradients: set "
+                          "meta_train.order: first, or train in one process")
     device = pick_device(device) if isinstance(device, str) else device
     torch.manual_seed(seed)
     order_rng, sample_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     model.to(device)
+    if world > 1:  # ranks draw the same indices: their own augmentation keeps them apart
+        for task in tasks:
+            task.data.augmenter.reseed(distributed.rank_seed(seed))
     loop = TrainingLoop(model, lr=cfg.outer_lr, total_steps=cfg.outer_steps)
     result, queue, order, scores = MetaResult(), [], [], {}
 
@@ -271,7 +289,7 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
         if rerank:
             if step:
                 keep_if_best(step)
-            scores = score_tasks(model, tasks, device, cfg.query_size)
+            scores = distributed.from_main(score_tasks(model, tasks, device, cfg.query_size))
         if rerank or not queue:
             if rerank or cfg.task_order == "random":
                 order = order_tasks(scores, cfg.task_order, order_rng)
@@ -281,19 +299,22 @@ def meta_train(model: nn.Module, tasks: Sequence[Task], cfg: MetaTrainConfig, *,
         query_task = task
         if cfg.query_from == "other_task":
             query_task = by_name[order[(order.index(task.name) + 1) % len(order)]]
-        s_idx, s_good, s_bad = draw(task.primary, cfg.support_size, cfg.bad_fraction, sample_rng)
-        q_idx, q_good, q_bad = draw(query_task.secondary, cfg.query_size, cfg.bad_fraction, sample_rng)
+        s_idx, s_good, s_bad = draw(task.primary, cfg.support_size * world, cfg.bad_fraction, sample_rng)
+        q_idx, q_good, q_bad = draw(query_task.secondary, cfg.query_size * world, cfg.bad_fraction,
+                                    sample_rng)
         model.train()
-        losses = meta_step(model, loop.optimizer, task.batch(s_idx, cfg.correction_weight, device),
-                           query_task.batch(q_idx, cfg.correction_weight, device),
+        losses = meta_step(model, loop.optimizer,
+                           task.batch(distributed.shard(s_idx), cfg.correction_weight, device),
+                           query_task.batch(distributed.shard(q_idx), cfg.correction_weight, device),
                            inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, order=cfg.order,
                            loss_fn=loss_fn)
+        losses = distributed.mean_over_ranks(losses)
         loop.after_step()
         row = {"step": step, "task": task.name, "query_task": query_task.name, **losses,
                "support_good": s_good, "support_bad": s_bad, "query_good": q_good,
                "query_bad": q_bad, "seconds": loop.seconds}
         result.history.append(row)
-        if on_step:
+        if on_step and distributed.is_main():
             on_step(row)
     keep_if_best(cfg.outer_steps)
     result.best_step, result.best_val_dice = loop.best_at, loop.best_score

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    get_worker_info,
+)
 
+from lesionflow import distributed
 from lesionflow.config import TrainConfig
 from lesionflow.data.augment import Augmenter, Strength
 from lesionflow.data.manifest import Record
@@ -58,9 +65,10 @@ class SegmentationDataset(Dataset):
 
 
 def reseed_worker(_: int) -> None:
-    """DataLoader ``worker_init_fn``: this worker's own augmentation stream (see data/augment.py)."""
+    """DataLoader ``worker_init_fn``: this worker's own augmentation stream (see data/augment.py),
+    and this rank's (the loader's seed is the same on every rank)."""
     info = get_worker_info()
-    info.dataset.augmenter.reseed(info.seed % 2**32)
+    info.dataset.augmenter.reseed(distributed.rank_seed(info.seed) % 2**32)
 
 
 @dataclass
@@ -73,11 +81,14 @@ class FitResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """``train.device`` resolved; a rank of a distributed job gets its own GPU (``LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA device is visible: set train.device: "
                           "auto (a GPU where there is one) or cpu")
+    if name == "cuda" and distributed.initialized():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -109,34 +120,62 @@ def validation_dice(model: Segmenter, data: SegmentationDataset, device: torch.d
     return float(np.mean(scores))
 
 
-def fit(model: Segmenter, train: SegmentationDataset, val: SegmentationDataset, cfg: TrainConfig,
-        *, seed: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+def fit(model: Segmenter, train: SegmentationDataset | IterableDataset, val: SegmentationDataset,
+        cfg: TrainConfig, *, seed: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train (``loop.TrainingLoop``: AdamW, one-cycle LR, optional EMA); keep the weights of the
-    best validation epoch."""
+    best validation epoch.
+
+    ``train`` is an in-memory set, shuffled each epoch, or an ``IterableDataset`` that orders (and,
+    per rank, splits) itself and whose ``len`` is what it yields per epoch (``data.shards``). In a
+    process group each rank trains on its ``DistributedSampler`` part of an in-memory set with
+    ``cfg.batch_size`` (the loop averages the gradients), and only rank 0 calls ``on_epoch``."""
     torch.manual_seed(seed)
     device = pick_device(cfg.device)
     model.to(device)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
-                        num_workers=cfg.num_workers, worker_init_fn=reseed_worker,
-                        generator=torch.Generator().manual_seed(seed))
+    loader, sampler = train_loader(train, cfg, seed)
     loop = TrainingLoop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.epochs * len(loader),
                         ema_decay=cfg.ema_decay, max_minutes=cfg.max_minutes)
     history: list[dict] = []
     for epoch in range(cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         losses = [loop.step(training_loss(model, image.to(device), mask.to(device), weight.to(device), cfg))
                   for image, mask, weight in progress(loader, f"epoch {epoch + 1}/{cfg.epochs}")]
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+        row = {"epoch": epoch, **distributed.mean_over_ranks({"train_loss": float(np.mean(losses))}),
                "val_dice": validation_dice(loop.shipped, val, device, cfg.batch_size),
                "lr": loop.lr, "seconds": loop.seconds}
         history.append(row)
-        if on_epoch:
+        if on_epoch and distributed.is_main():
             on_epoch(row)
         loop.select(epoch, row["val_dice"])
         if loop.out_of_time():
             break
     loop.finish()
     return FitResult(loop.best_at, loop.best_score, len(history), loop.seconds, history)
+
+
+def train_loader(train: SegmentationDataset | IterableDataset, cfg: TrainConfig,
+                 seed: int) -> tuple[DataLoader, DistributedSampler | None]:
+    """The epoch's batches (and the sampler to tell the epoch, when there is one).
+
+    Alone: shuffled by a generator seeded with ``seed``. In a process group: ``DistributedSampler``
+    draws one permutation from ``seed`` on every rank and each takes every W-th sample, so the W
+    ranks' batch k together hold the samples one process's batch k of W·b would; each rank
+    augments with its own seed."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(train, IterableDataset):
+        return DataLoader(train, batch_size=cfg.batch_size, drop_last=len(train) > cfg.batch_size,
+                          num_workers=cfg.num_workers, worker_init_fn=reseed_worker,
+                          generator=generator), None
+    if not distributed.initialized():
+        return DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
+                          num_workers=cfg.num_workers, worker_init_fn=reseed_worker,
+                          generator=generator), None
+    sampler = DistributedSampler(train, seed=seed)
+    train.augmenter.reseed(distributed.rank_seed(seed))
+    return DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(sampler) > cfg.batch_size,
+                      num_workers=cfg.num_workers, worker_init_fn=reseed_worker, generator=generator), sampler
 
 
 def training_loss(model: Segmenter, image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
