@@ -250,6 +250,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from lesionflow.review.log import PredictionLog
     from lesionflow.serving import serve
 
     # the options are overrides of the serve section, so they are validated like it (a JSON
@@ -259,7 +260,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                      if value is not None)]
     params = _registry_params(args)
     cfg = params.serve
-    serve(params.runtime.model_name, cfg.model, cfg, host=cfg.host, port=cfg.port)
+    serve(params.runtime.model_name, cfg.model, cfg, host=cfg.host, port=cfg.port,
+          log=PredictionLog.for_params(params))
+    return 0
+
+
+def cmd_review_next(args: argparse.Namespace) -> int:
+    from lesionflow.review.queue import next_batch
+
+    params = _registry_params(args)
+    report = next_batch(params, Path(args.out), source=args.source, n=args.n, strategy=args.strategy,
+                        model=args.model, dataset=Path(args.dataset) if args.dataset else None)
+    print(report.summary())
+    for rank, item in enumerate(report.items, 1):
+        print(f"  {rank:>3}. {item['id']:<24} score {item['score']:.3f}  {item['lesion_type'] or '-':<12} "
+              f"{item['source']}")
     return 0
 
 
@@ -386,6 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_corrections_status, "corrections since the last training attempt",
             parent=corrections)
     p.add_argument("--min-corrections", type=_count, default=1, metavar="N")
+
+    review = sub.add_parser("review", help="the review queue: which images reviewers label next"
+                            ).add_subparsers(dest="action", required=True)
+    p = add("next", cmd_review_next, "rank candidates by the model's uncertainty and write the next "
+            "batch with its masks as pre-annotations", parent=review)
+    p.add_argument("--n", type=_count, help="images in the batch (default: review.batch_size)")
+    p.add_argument("--from", dest="source", choices=["unlabelled", "predictions"], default="unlabelled",
+                   help="unlabelled: a dataset's records without a mask (--dataset) | predictions: "
+                   "served answers whose image was kept (serve.keep_images)")
+    p.add_argument("--dataset", help="canonical dataset folder (with --from unlabelled)")
+    p.add_argument("--strategy", help="random | entropy | tta | diversity-weighted (default: "
+                   "review.strategy)")
+    p.add_argument("--model", default="champion", help="version number or alias that scores and "
+                   "pre-annotates (default: champion)")
+    p.add_argument("--out", required=True, help="batch folder (must not exist or be empty)")
     return parser
 
 

@@ -460,6 +460,36 @@ class ServeConfig(_Section):
         8, ge=0, description="requests waiting for a worker; beyond, 503 + Retry-After at once")
     retry_after_seconds: int = Field(
         1, ge=1, description="Retry-After of a busy 503 or of a failed reload")
+    log_dir: str | None = Field(
+        None, description="prediction log: every /predict answer, JSON lines in size-rotated "
+        "segments (null: <workdir>/predictions; a shared volume when several replicas log)")
+    log_max_bytes: int = Field(
+        64 * 2**20, ge=1024, description="a log segment is closed before it grows past this")
+    keep_images: bool = Field(
+        False, description="also keep each image (re-encoded PNG, named by the request's content "
+        "hash) for the review queue")
+    image_store: str | None = Field(
+        None, description="where kept images go: s3://bucket/prefix or a folder (null: "
+        "<log_dir>/images)")
+
+    @field_validator("image_store")
+    @classmethod
+    def _folder_or_s3_store(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("s3://"):
+            raise ValueError(f"{value!r}: set a folder, s3://bucket/prefix, or null for <log_dir>/images")
+        return value
+
+
+class ReviewConfig(_Section):
+    """``lesionflow review next``: which images reviewers label next (``lesionflow/review``)."""
+
+    strategy: Literal["random", "entropy", "tta", "diversity-weighted"] = Field(
+        "diversity-weighted", description="random | entropy (predictive entropy) | tta (TTA "
+        "disagreement) | diversity-weighted (all three uncertainties, then spread over videos)")
+    diversity_weight: float = Field(
+        0.7, ge=0, le=1, description="diversity-weighted: each pick from a video (or of a near-"
+        "duplicate image) already in the batch scales a candidate's score by (1 - weight)")
+    batch_size: int = Field(16, ge=1, description="images per batch (review next --n overrides)")
 
 
 class CorrectionsConfig(_Section):
@@ -579,6 +609,9 @@ class Params(_Section):
         ServeConfig(), description="lesionflow serve: HTTP server in front of a registered version")
     corrections: CorrectionsConfig = Field(
         CorrectionsConfig(), description="reviewers' corrected masks (lesionflow corrections add)")
+    review: ReviewConfig = Field(
+        ReviewConfig(), description="the review queue: images ranked for reviewers (lesionflow "
+        "review next)")
     cluster: ClusterConfig = Field(
         ClusterConfig(), description="compiled into the pipeline for KFP on Kubernetes (not "
         "kfp.local)")
@@ -626,8 +659,8 @@ class Params(_Section):
 
     def digest(self) -> str:
         """Stable hash of the tunables (where things run doesn't change results, so runtime,
-        cluster and serve are excluded)."""
-        payload = self.model_dump(mode="json", exclude={"runtime", "cluster", "serve"})
+        cluster, serve and review are excluded)."""
+        payload = self.model_dump(mode="json", exclude={"runtime", "cluster", "serve", "review"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -157,3 +157,12 @@ class SubmitError(LesionflowError):
 class ShardError(DatasetError):
     """A sharded dataset cannot be written or read: files no record names, a shard that does not
     match its index or its records' hashes, fewer shards than ranks that must each read their own."""
+
+
+class PredictionLogError(LesionflowError):
+    """The prediction log (``serve.log_dir``) or its kept images cannot be read or written."""
+
+
+class ReviewError(LesionflowError):
+    """A review batch cannot be made: no candidates (no unlabelled records, no kept images), an
+    unknown strategy, or an output folder that is not empty."""

@@ -2,9 +2,10 @@
 
 Scorers are small named callables (MONAI Label style), picked by ``pseudo_label.scorer``:
 
-- ``tta``: agreement under test-time augmentation — the model sees the image under the 8 flips /
-  quarter turns; each prediction is mapped back and compared (Dice) with their consensus. Needs
-  no ground truth, so it scores unlabelled images too.
+- ``tta``: agreement under test-time augmentation (``lesionflow/uncertainty.py``, shared with the
+  review queue) — the model sees the image under the 8 flips / quarter turns; each prediction is
+  mapped back and compared (Dice) with their consensus. Needs no ground truth, so it scores
+  unlabelled images too.
 - ``dice``: Dice of the prediction against the ground-truth mask; only where a mask exists
   (records without one fall back to ``tta``, and each record keeps the method actually used).
 """
@@ -18,19 +19,7 @@ import numpy as np
 
 from lesionflow.metrics import dice
 from lesionflow.models.segmenter import Segmenter
-
-# (k quarter turns, horizontal flip): the dihedral group of the square
-TTA_TRANSFORMS = [(k, flip) for k in range(4) for flip in (False, True)]
-
-
-def _forward(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    out = np.rot90(image, k, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if flip else out)
-
-
-def _inverse(prob: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    out = prob[:, ::-1] if flip else prob
-    return np.ascontiguousarray(np.rot90(out, -k, axes=(0, 1)))
+from lesionflow.uncertainty import agreement, tta_probabilities
 
 
 @dataclass
@@ -41,12 +30,8 @@ class Prediction:
 
 def predict_with_tta(model: Segmenter, image: np.ndarray, threshold: float = 0.5,
                      lesion_type: str | None = None) -> Prediction:
-    views = [_forward(image, k, flip) for k, flip in TTA_TRANSFORMS]
-    probs = model.predict_proba(views, lesion_types=[lesion_type] * len(views))
-    probs = [_inverse(p, k, flip) for p, (k, flip) in zip(probs, TTA_TRANSFORMS, strict=True)]
-    consensus = np.mean(probs, axis=0) > threshold
-    agreement = float(np.mean([dice(p > threshold, consensus) for p in probs]))
-    return Prediction(consensus, agreement)
+    consensus, agree = agreement(tta_probabilities(model, image, lesion_type), threshold)
+    return Prediction(consensus, agree)
 
 
 Scorer = Callable[[Prediction, np.ndarray | None], float | None]

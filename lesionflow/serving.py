@@ -8,10 +8,13 @@ cannot re-resolve the alias without a restart. Here the same pyfunc does the wor
 ``POST /predict``  the image as the raw body (``Content-Type: image/png``, ``image/jpeg``, …,
                    or ``application/octet-stream``; query ``lesion_type``, ``mask_format``) or as
                    JSON ``{"image": "<base64>", "lesion_type": "...", "mask_format": "png"}``.
-                   Answer: ``{"model", "version", "lesion_type", "height", "width", "threshold",
-                   "confidence", "lesion_fraction", "mask"}`` with ``mask`` either
+                   Answer: ``{"request_id", "model", "version", "lesion_type", "height", "width",
+                   "threshold", "confidence", "lesion_fraction", "mask"}`` with ``mask`` either
                    ``{"format": "png", "data": "<base64 PNG, 0/255>"}`` or
                    ``{"format": "rle", "size": [h, w], "counts": "<COCO compressed RLE>"}``.
+                   ``request_id`` is the client's ``X-Request-ID`` header or a new one (echoed in
+                   that header); every answer is recorded under it in the prediction log
+                   (``lesionflow/review/log.py``, queued off the request path).
 ``GET /health``    what is served (name, version, alias, lesion types, threshold, runtime:
                    onnxruntime or torch, limits).
 ``GET /ping``      200 once a model is loaded.
@@ -28,7 +31,8 @@ one keeps answering, then one reference is swapped. Every request runs on the mo
 current when it arrived, so a reload fails no request; a version that does not load or does not
 answer its warm-up is refused and the old one keeps serving.
 
-Bad requests: 400 unreadable image / malformed JSON / bad ``mask_format``; 413 body larger than
+Bad requests: 400 unreadable image / malformed JSON / bad ``mask_format`` / bad
+``X-Request-ID``; 413 body larger than
 ``serve.max_upload_bytes``; 415 unsupported ``Content-Type``; 422 image sides outside
 ``[serve.min_side, serve.max_side]``, or a lesion type the model has no model for (a per-type
 model also needs one); 503 busy (above). ``/reload``: 401 without the right token; 403 when the
@@ -45,14 +49,17 @@ import binascii
 import hmac
 import json
 import os
+import re
 import socket
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
@@ -72,10 +79,13 @@ from lesionflow.models.pyfunc import (
     encode_rle,
 )
 from lesionflow.models.router import UnknownLesionTypeError
+from lesionflow.review.log import PredictionLog
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/octet-stream")
 MASK_FORMATS = ("png", "rle")
 RELOAD_TOKEN_ENV = "LESIONFLOW_RELOAD_TOKEN"
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 WARM_UP_IMAGE = np.zeros((64, 64, 3), np.uint8)
 
 
@@ -221,9 +231,22 @@ def _parse(content_type: str, body: bytes, query: dict) -> tuple[bytes, str | No
     return image, options.get("lesion_type") or None, mask_format
 
 
-def _answer(served: Served, cfg: ServeConfig, content_type: str, body: bytes, query: dict) -> dict:
+def _request_id(request: Request) -> str:
+    """The client's ``X-Request-ID`` (so its own logs and ours join), else a new one."""
+    sent = request.headers.get(REQUEST_ID_HEADER)
+    if sent is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(sent):
+        raise _error(400, f"{REQUEST_ID_HEADER} must be 1-128 characters of letters, digits and "
+                          "._:- (or left out: the server makes one)")
+    return sent
+
+
+def _answer(served: Served, cfg: ServeConfig, content_type: str, body: bytes, query: dict,
+            request_id: str, log: PredictionLog | None) -> dict:
     """Parse, decode, segment, encode: all the CPU work of one request, done on an inference
-    worker so the event loop stays free to admit, refuse and answer health probes."""
+    worker so the event loop stays free to admit, refuse and answer health probes. The answer is
+    queued for the prediction log (its writer thread hashes and appends)."""
     data, lesion_type, mask_format = _parse(content_type, body, query)
     if lesion_type is None and served.model.lesion_types is not None:
         raise _error(422, f"{served.name} v{served.version} has one model per lesion type: send "
@@ -239,15 +262,24 @@ def _answer(served: Served, cfg: ServeConfig, content_type: str, body: bytes, qu
         mask = {"format": "png", "data": base64.b64encode(encode_png(pred.mask)).decode("ascii")}
     else:
         mask = {"format": "rle", **encode_rle(pred.mask)}
-    return {"model": served.name, "version": served.version, "lesion_type": lesion_type,
-            "height": int(pred.mask.shape[0]), "width": int(pred.mask.shape[1]),
-            "threshold": served.model.threshold, "confidence": pred.confidence,
-            "lesion_fraction": float(pred.mask.mean()), "mask": mask}
+    answer = {"request_id": request_id, "model": served.name, "version": served.version,
+              "lesion_type": lesion_type, "height": int(pred.mask.shape[0]),
+              "width": int(pred.mask.shape[1]), "threshold": served.model.threshold,
+              "confidence": pred.confidence, "lesion_fraction": float(pred.mask.mean()), "mask": mask}
+    if log is not None:
+        log.record({"request_id": request_id, "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "model": served.name, "model_version": served.version, "lesion_type": lesion_type,
+                    "confidence": pred.confidence, "lesion_fraction": answer["lesion_fraction"],
+                    "entropy": pred.entropy, "ambiguous_area": pred.ambiguous_area,
+                    "height": answer["height"], "width": answer["width"]}, data, image)
+    return answer
 
 
-def create_app(name: str, ref: str, cfg: ServeConfig, reload_token: str | None = None) -> FastAPI:
+def create_app(name: str, ref: str, cfg: ServeConfig, reload_token: str | None = None,
+               log: PredictionLog | None = None) -> FastAPI:
     """The app serving version or alias ``ref`` of registered model ``name``; ``POST /reload``
-    accepts ``reload_token`` as bearer token and is disabled without one."""
+    accepts ``reload_token`` as bearer token and is disabled without one. Every answer goes to
+    ``log`` (closed, its queue written, when the app shuts down)."""
     slot = ModelSlot(name, ref)
     admission = Admission(cfg)
     workers = ThreadPoolExecutor(cfg.inference_workers, thread_name_prefix="inference")
@@ -260,6 +292,8 @@ def create_app(name: str, ref: str, cfg: ServeConfig, reload_token: str | None =
         yield
         stop.set()
         workers.shutdown(wait=False, cancel_futures=True)
+        if log is not None:
+            log.close()
 
     app = FastAPI(title="lesionflow", summary=f"lesion segmentation with {name}@{ref}", lifespan=lifespan)
     app.state.slot = slot
@@ -278,7 +312,10 @@ def create_app(name: str, ref: str, cfg: ServeConfig, reload_token: str | None =
         return {"status": "ok", **describe(slot.current), "in_flight": admission.in_flight,
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "min_side": cfg.min_side,
                            "max_side": cfg.max_side, "inference_workers": cfg.inference_workers,
-                           "max_queue": cfg.max_queue}}
+                           "max_queue": cfg.max_queue},
+                "prediction_log": None if log is None else {
+                    "dir": str(log.folder), "keep_images": log.keeps_images, "pending": log.pending,
+                    "failed": log.failed}}
 
     @app.post("/reload")
     async def reload(request: Request) -> dict:
@@ -295,28 +332,35 @@ def create_app(name: str, ref: str, cfg: ServeConfig, reload_token: str | None =
         return {**describe(after), "previous_version": before.version}
 
     @app.post("/predict")
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request, response: Response) -> dict:
         with admission:
             served = slot.current  # one model for the whole request, even if a reload lands meanwhile
+            request_id = _request_id(request)
+            response.headers[REQUEST_ID_HEADER] = request_id
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             body = await _read_body(request, cfg.max_upload_bytes)
             return await asyncio.get_running_loop().run_in_executor(
-                workers, _answer, served, cfg, content_type, body, dict(request.query_params))
+                workers, _answer, served, cfg, content_type, body, dict(request.query_params),
+                request_id, log)
 
     return app
 
 
-def serve(name: str, ref: str, cfg: ServeConfig, host: str, port: int) -> None:
+def serve(name: str, ref: str, cfg: ServeConfig, host: str, port: int,
+          log: PredictionLog | None = None) -> None:
     """Load ``name@ref`` from the current tracking server and answer on ``host:port`` until
-    stopped; the reload token comes from the environment (a Secret on Kubernetes)."""
+    stopped, recording every answer in ``log``; the reload token comes from the environment (a
+    Secret on Kubernetes)."""
     import uvicorn
 
     listener = _listen(host, port)  # before the model loads: a busy port is reported at once
     token = os.environ.get(RELOAD_TOKEN_ENV, "").strip() or None  # a Secret made from a file ends in \n
-    app = create_app(name, ref, cfg, reload_token=token)
+    app = create_app(name, ref, cfg, reload_token=token, log=log)
     reload_note = "POST /reload" if token else f"POST /reload disabled (set {RELOAD_TOKEN_ENV})"
+    log_note = f"; answers logged to {log.folder}" if log is not None else ""
     print(f"serving {name}@{ref} (v{app.state.slot.current.version}) on "
-          f"http://{host}:{listener.getsockname()[1]}: POST /predict, GET /health, {reload_note}", flush=True)
+          f"http://{host}:{listener.getsockname()[1]}: POST /predict, GET /health, {reload_note}"
+          f"{log_note}", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 

@@ -35,6 +35,7 @@ from lesionflow.models import runtime
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import load_model
+from lesionflow.uncertainty import map_uncertainty
 
 WEIGHTS = "weights"  # the artifact key of the store.save_model folder
 DEFAULT_THRESHOLD = 0.5
@@ -49,6 +50,8 @@ class Prediction:
     mask: np.ndarray  # bool, H x W at the image's own size
     confidence: float
     lesion_type: str | None
+    entropy: float  # mean per-pixel entropy, bits (lesionflow/uncertainty.py): the prediction log's
+    ambiguous_area: float  # share of the possible lesion left undecided: uncertainty, no extra pass
 
 
 def decode_image(data: bytes, *, min_side: int = 1, max_side: int | None = None) -> np.ndarray:
@@ -144,7 +147,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         (``UnknownLesionTypeError``)."""
         prob = self.predictor.predict_proba([image], [lesion_type])[0]
         mask = prob > self.threshold
-        return Prediction(mask, confidence(prob, mask), lesion_type)
+        return Prediction(mask, confidence(prob, mask), lesion_type, *map_uncertainty(prob, self.threshold))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
