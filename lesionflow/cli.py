@@ -300,6 +300,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_worker(args: argparse.Namespace) -> int:
+    """One worker process of a TrainJob (under torchrun): dataset from the DVC remote, train, and
+    on rank 0 the model to ``--output`` for the meta_train step to collect."""
+    from lesionflow.trainjob import work
+
+    work(config.from_json(args.params_json), args.dataset_md5, args.output,
+         parent_run_id=args.parent_run_id, scratch=args.scratch)
+    return 0
+
+
 def _count(text: str) -> int:
     """argparse type: a whole number >= 0 (argparse reports anything else as a usage error)."""
     try:
@@ -387,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded as its estimate error")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_weaken)
+
+    p = sub.add_parser("train-worker", help="one worker of a multi-node TrainJob (started by the "
+                       "meta_train step under torchrun, not by hand)")
+    p.add_argument("--params-json", required=True, help="the step's resolved params, as JSON")
+    p.add_argument("--dataset-md5", required=True, help="DVC hash of the dataset version to train on")
+    p.add_argument("--output", required=True, help="s3://… where rank 0 uploads the model")
+    p.add_argument("--parent-run-id", help="the step's MLflow run: rank 0 logs in a child run")
+    p.add_argument("--scratch", type=Path, help="local folder for the dataset and the model "
+                   "(default: <tmp>/lesionflow-train-worker)")
+    p.set_defaults(func=cmd_train_worker)
 
     corrections = sub.add_parser("corrections", help="reviewers' corrected masks").add_subparsers(
         dest="action", required=True)

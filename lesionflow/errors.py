@@ -166,3 +166,16 @@ class PredictionLogError(LesionflowError):
 class ReviewError(LesionflowError):
     """A review batch cannot be made: no candidates (no unlabelled records, no kept images), an
     unknown strategy, or an output folder that is not empty."""
+
+
+class TrainJobError(LesionflowError):
+    """Training on several nodes (a Kubeflow Trainer TrainJob) could not start, failed, or left no
+    model; the message names the TrainJob, its namespace and the reason the cluster gave."""
+
+
+class TrainJobFailedError(TrainJobError):
+    """The TrainJob ended Failed; it is kept (not deleted) so its pods' logs can be read."""
+
+
+class TrainJobTimeoutError(TrainJobError):
+    """The TrainJob did not finish within ``cluster.train.timeout_minutes``; it was deleted."""

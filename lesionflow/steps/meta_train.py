@@ -23,7 +23,7 @@ from lesionflow.losses import dice_bce_loss
 from lesionflow.meta import MetaResult, Pool, Task, meta_train
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
-from lesionflow.models.store import save_model
+from lesionflow.models.store import ROUTER, save_model
 from lesionflow.steps.train import new_segmenter, train
 from lesionflow.training import SegmentationDataset, labelled, seed_everything
 
@@ -135,6 +135,8 @@ def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
         raise EmptySplitError("the train split has no labelled records to train on: give "
                               "ingest.split.train a share > 0 (or more groups), or add labelled images")
     write_training_records(out_dir, records + val_records)
+    if params.cluster.train.num_nodes > 1:
+        return train_on_cluster(params, dataset_dir, out_dir)
     if not mcfg.enabled:
         train(params, dataset_dir, out_dir)
         return MetaTrainOutcome({}, {})
@@ -165,3 +167,28 @@ def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
                         f"meta/{name}_task_order.json")
     mlflow.log_dict(pools, "meta/good_bad_pools.json")
     return MetaTrainOutcome(results, pools)
+
+
+def train_on_cluster(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
+    """The same training on ``cluster.train.num_nodes`` nodes as a Kubeflow Trainer TrainJob
+    (``lesionflow.trainjob``), its model collected into ``out_dir`` as if trained here. The pods
+    restore the dataset from the DVC remote: versioning it again is content-addressed, so it hashes
+    but uploads nothing the pseudo_label step already pushed."""
+    import lesionflow
+    from lesionflow import trainjob
+    from lesionflow.versioning import version_dataset
+
+    runtime = params.runtime
+    version = version_dataset(dataset_dir, remote=runtime.remote(), endpoint_url=runtime.s3_endpoint_url,
+                              workspace=runtime.resolved_workdir() / "dvc-workspace",
+                              retry_seconds=runtime.service_wait_seconds)
+    active = mlflow.active_run()
+    ref = trainjob.run(params, version.md5, out_dir, image=lesionflow.IMAGE,
+                       parent_run_id=active.info.run_id if active else None)
+    mlflow.log_params({"cluster.trainjob": f"{ref.namespace}/{ref.name}",
+                       "cluster.train.num_nodes": params.cluster.train.num_nodes})
+    if (out_dir / ROUTER).is_file():
+        models = sorted(json.loads((out_dir / ROUTER).read_text()))
+    else:
+        models = ["all"] if params.meta_train.enabled else []
+    return MetaTrainOutcome({name: MetaResult() for name in models}, {})
