@@ -117,7 +117,7 @@ def cmd_corrections_add(args: argparse.Namespace) -> int:
 
     params = _registry_params(args)
     version = corrections.add(params, args.source, model_version=args.model_version,
-                              reviewer=args.reviewer)
+                              reviewer=args.reviewer, fmt=args.format)
     print(f"corrections of {params.runtime.model_name}: version {version.md5} holds "
           f"{version.n_corrections} correction(s) (MLflow run {version.run_id})")
     return 0
@@ -292,6 +292,13 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review_export(args: argparse.Namespace) -> int:
+    from lesionflow.formats.review import export_batch
+
+    print(export_batch(Path(args.batch), args.format, Path(args.out)).summary())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lesionflow.export import dataset_items, export, prediction_items
 
@@ -376,11 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to listen on (default: serve.host)")
     p.add_argument("--port", type=int, help="port (default: serve.port)")
     p.add_argument("--model", help="version number or alias (default: serve.model, champion)")
-    p = add("export", cmd_export, "export a dataset or saved predictions as COCO, Pascal VOC or JSON")
+    p = add("export", cmd_export, "export a dataset or saved predictions as COCO, Pascal VOC, JSON "
+            "or the nnU-Net raw layout")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--dataset", help="a canonical dataset folder (manifest.jsonl)")
     what.add_argument("--predictions", help="a folder with predictions.jsonl (POST /predict answers)")
-    p.add_argument("--format", required=True, choices=["coco", "voc", "json"])
+    p.add_argument("--format", required=True, choices=["coco", "voc", "json", "nnunet"])
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
 
     p = sub.add_parser("params", help="print the built-in defaults as commented YAML (what "
@@ -418,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="version whose predictions were corrected (else corrections.csv's column)")
     p.add_argument("--reviewer", help="who corrected the masks (default: $LESIONFLOW_USER, else the "
                    "login name); a reviewer column in corrections.csv overrides it per row")
+    p.add_argument("--format", default="folder", choices=["folder", "label-studio", "cvat", "coco"],
+                   help="folder: the layout above | label-studio, cvat, coco: the folder `review "
+                   "export` wrote, with the tool's export of the reviewed tasks put in it")
     p = add("status", cmd_corrections_status, "corrections since the last training attempt",
             parent=corrections)
     p.add_argument("--min-corrections", type=_count, default=1, metavar="N")
@@ -436,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="champion", help="version number or alias that scores and "
                    "pre-annotates (default: champion)")
     p.add_argument("--out", required=True, help="batch folder (must not exist or be empty)")
+    p = add("export", cmd_review_export, "write a review batch for a reviewer tool: Label Studio "
+            "tasks with brush pre-annotations, a CVAT for images 1.1 task, or COCO", parent=review)
+    p.add_argument("--batch", required=True, help="the folder `review next` wrote (batch.json)")
+    p.add_argument("--format", required=True, choices=["label-studio", "cvat", "coco"])
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     return parser
 
 

@@ -1,6 +1,7 @@
 """Reviewers' corrected masks: accepted in batches, versioned, mixed into the next training run.
 
-A batch is a folder or S3 prefix in the ingest layout::
+A batch is a folder or S3 prefix in the ingest layout (or a reviewer tool's export, read into it
+first: ``lesionflow/formats/``)::
 
     images/<id>.<ext>     the image the model was shown
     masks/<id>.png        the reviewer's corrected mask (required for every image)
@@ -84,11 +85,13 @@ def experiment_name(params: Params) -> str:
 
 
 def add(params: Params, source: str, *, model_version: str | None = None,
-        reviewer: str | None = None) -> CorrectionsVersion:
+        reviewer: str | None = None, fmt: str = "folder") -> CorrectionsVersion:
     """Validate a batch and record the corrections dataset version that includes it.
 
     ``reviewer`` (default ``default_reviewer()``) goes on each correction as ``labelled_by``
-    unless the batch's CSV names another per row."""
+    unless the batch's CSV (or the tool export: Label Studio's ``completed_by``, CVAT's assignee)
+    names another per row. ``fmt`` other than ``folder`` (``label-studio``, ``cvat``, ``coco``)
+    reads a reviewer tool's export first (``formats/review.py``), into this same layout."""
     # imported here: it loads torch, which the ingest step (it imports this module) never needs
     from lesionflow import registry
 
@@ -97,6 +100,11 @@ def add(params: Params, source: str, *, model_version: str | None = None,
     with tempfile.TemporaryDirectory(prefix="lesionflow-corrections-") as tmp:
         tmp = Path(tmp)
         root = materialize_source(source, params.runtime.s3_endpoint_url, tmp / "source")
+        if fmt != "folder":
+            from lesionflow.formats.review import read_corrections
+
+            root = read_corrections(fmt, root, tmp / "from-tool")
+            source = f"{source} ({fmt} export)"
         predicted_by = _column(root, "model_version")
         reviewed_by = _column(root, "reviewer")
         batch_dir = tmp / "batch"

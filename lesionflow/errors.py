@@ -179,3 +179,9 @@ class TrainJobFailedError(TrainJobError):
 
 class TrainJobTimeoutError(TrainJobError):
     """The TrainJob did not finish within ``cluster.train.timeout_minutes``; it was deleted."""
+
+
+class AnnotationFormatError(CorrectionError, IngestError):
+    """A reviewer tool's export or a dataset in a field format (Label Studio JSON, CVAT XML, COCO,
+    nnU-Net raw, a review batch) does not parse or does not match its images; the message names the
+    file and the task, image or case. Nothing has been stored."""

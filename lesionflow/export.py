@@ -1,4 +1,4 @@
-"""Export a dataset, or the server's predictions, as COCO, Pascal VOC or plain JSON.
+"""Export a dataset, or the server's predictions, as COCO, Pascal VOC, plain JSON or nnU-Net raw.
 
 Every format is written, then read back (COCO through pycocotools' own ``COCO`` API) and compared
 mask for mask with what was meant to be written; a mismatch is an ``ExportError``, never a file
@@ -11,7 +11,12 @@ annotation, VOC object); an image without a mask (unlabelled) is listed with no 
 ``voc/``   ``JPEGImages/`` (the images, original PNG kept), ``SegmentationClass/`` and
            ``SegmentationObject/`` (palette PNGs: class index / object index, 0 background),
            ``Annotations/<id>.xml`` (size, objects with name and 1-based bndbox),
-           ``ImageSets/Segmentation/<split>.txt`` and ``labels.txt`` (class index order).
+           ``ImageSets/Segmentation/<split>.txt``, ``labels.txt`` (class index order) and
+           ``labelmap.txt`` (``name:r,g,b:parts:actions`` per class, the colours of the class
+           PNGs): CVAT and Datumaro read the classes from it; without it they take index 1 for
+           VOC's "aeroplane".
+``nnunet/`` the nnU-Net v2 raw layout (``formats/nnunet.py``): ``dataset.json``,
+           ``imagesTr/<id>_0000.png``, ``labelsTr/<id>.png``; test and unlabelled in ``imagesTs``.
 ``json/``  ``lesions.json`` + ``images/``; the plain schema, readable with nothing but JSON::
 
     {"schema": "lesionflow.lesions/v1",
@@ -30,6 +35,7 @@ line, plus ``"id"`` and ``"image"`` (the image file, relative to that folder).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import xml.etree.ElementTree as ET
@@ -46,10 +52,11 @@ from scipy import ndimage
 
 from lesionflow.data.manifest import check_fresh, link_or_copy, read_manifest
 from lesionflow.errors import ExportError
+from lesionflow.formats import nnunet
 from lesionflow.models.pyfunc import decode_rle
 
-Format = Literal["coco", "voc", "json"]
-FORMATS: tuple[Format, ...] = ("coco", "voc", "json")
+Format = Literal["coco", "voc", "json", "nnunet"]
+FORMATS: tuple[Format, ...] = ("coco", "voc", "json", "nnunet")
 PREDICTIONS = "predictions.jsonl"
 JSON_SCHEMA = "lesionflow.lesions/v1"
 
@@ -118,7 +125,7 @@ def prediction_items(predictions_dir: Path) -> list[Item]:
     return items
 
 
-def _objects(mask: np.ndarray | None) -> list[np.ndarray]:
+def lesion_regions(mask: np.ndarray | None) -> list[np.ndarray]:
     """Connected lesion regions (8-connectivity), largest first."""
     if mask is None or not mask.any():
         return []
@@ -145,7 +152,7 @@ def write_coco(items: list[Item], out_dir: Path) -> int:
         images.append({"id": image_id, "file_name": item.file_name, "height": item.height,
                        "width": item.width, "lesion_type": item.lesion_type, "split": item.split,
                        "lesionflow_id": item.id})
-        for region in _objects(item.mask):
+        for region in lesion_regions(item.mask):
             rle = coco_mask.encode(np.asfortranarray(region.astype(np.uint8)))
             ann = {"id": len(annotations) + 1, "image_id": image_id,
                    "category_id": category[item.lesion_type],
@@ -162,23 +169,31 @@ def write_coco(items: list[Item], out_dir: Path) -> int:
     return len(annotations)
 
 
-def read_coco(out_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """{id: (lesion type, union of its annotations' masks)}, read with pycocotools."""
-    coco = COCO(str(Path(out_dir) / "annotations.json"))
+def read_coco(out_dir: Path, annotations: str = "annotations.json"
+              ) -> dict[str, tuple[str | None, np.ndarray]]:
+    """{id: (lesion type, union of its annotations' masks)}, read with pycocotools. Files other
+    tools wrote (CVAT's COCO 1.0) lack lesionflow's image fields: the id is then the file name's
+    stem and the lesion type the annotations' one category (None without annotations)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress
+        coco = COCO(str(Path(out_dir) / annotations))
     names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     out = {}
     for img in coco.loadImgs(coco.getImgIds()):
+        image_id = img.get("lesionflow_id") or Path(img["file_name"]).stem
         mask = np.zeros((img["height"], img["width"]), bool)
+        found = set()
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
             mask |= coco.annToMask(ann) > 0
-            if names[ann["category_id"]] != img["lesion_type"]:
-                raise ExportError(f"image {img['lesionflow_id']}: category {names[ann['category_id']]} "
-                                  f"!= lesion type {img['lesion_type']}")
-        out[img["lesionflow_id"]] = (img["lesion_type"], mask)
+            found.add(names[ann["category_id"]])
+        lesion_type = img.get("lesion_type") or (found.pop() if len(found) == 1 else None)
+        if found - {lesion_type}:
+            raise ExportError(f"image {image_id}: categories {sorted(found)} but one lesion type "
+                              f"({lesion_type}) per image")
+        out[image_id] = (lesion_type, mask)
     return out
 
 
-def _voc_palette() -> list[int]:
+def voc_palette() -> list[int]:
     """The Pascal VOC colour map (index → RGB), as PIL wants it."""
     palette = []
     for i in range(256):
@@ -195,7 +210,7 @@ def _voc_palette() -> list[int]:
 
 def _palette_png(index: np.ndarray, path: Path) -> None:
     img = Image.fromarray(index.astype(np.uint8), mode="P")
-    img.putpalette(_voc_palette())
+    img.putpalette(voc_palette())
     img.save(path)
 
 
@@ -208,7 +223,7 @@ def write_voc(items: list[Item], out_dir: Path) -> int:
     splits: dict[str, list[str]] = {}
     n_objects = 0
     for item in items:
-        regions = _objects(item.mask)
+        regions = lesion_regions(item.mask)
         root = ET.Element("annotation")
         ET.SubElement(root, "folder").text = "JPEGImages"
         ET.SubElement(root, "filename").text = item.file_name
@@ -239,6 +254,10 @@ def write_voc(items: list[Item], out_dir: Path) -> int:
     for split, ids in splits.items():
         (out_dir / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (out_dir / "labels.txt").write_text("\n".join(["background", *types]) + "\n")
+    palette = voc_palette()
+    (out_dir / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "".join(
+        f"{name}:{','.join(map(str, palette[3 * k:3 * k + 3]))}::\n"
+        for k, name in enumerate(["background", *types])))
     return n_objects
 
 
@@ -284,7 +303,7 @@ def write_json(items: list[Item], out_dir: Path) -> int:
     _copy_images(items, out_dir / "images")
     (out_dir / "lesions.json").write_text(json.dumps(
         {"schema": JSON_SCHEMA, "lesion_types": _lesion_types(items), "items": records}))
-    return sum(len(_objects(i.mask)) for i in items)
+    return sum(len(lesion_regions(i.mask)) for i in items)
 
 
 def read_json(out_dir: Path) -> dict[str, tuple[str, np.ndarray | None]]:
@@ -295,7 +314,13 @@ def read_json(out_dir: Path) -> dict[str, tuple[str, np.ndarray | None]]:
             for r in doc["items"]}
 
 
-WRITERS = {"coco": (write_coco, read_coco), "voc": (write_voc, read_voc), "json": (write_json, read_json)}
+def write_nnunet(items: list[Item], out_dir: Path) -> int:
+    nnunet.write(items, out_dir)
+    return sum(len(lesion_regions(i.mask)) for i in items)
+
+
+WRITERS = {"coco": (write_coco, read_coco), "voc": (write_voc, read_voc), "json": (write_json, read_json),
+           "nnunet": (write_nnunet, nnunet.read)}
 
 
 def _verify(items: Iterable[Item], back: dict, fmt: Format) -> None:

@@ -70,6 +70,7 @@ from lesionflow.errors import (
     OrphanMaskError,
     PseudonymKeyError,
 )
+from lesionflow.formats import nnunet
 from lesionflow.progress import progress
 
 REPORT = "ingest_report.json"
@@ -639,10 +640,12 @@ def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | N
     _check_out_dir(out_dir)
     display_root = cfg.source.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="lesionflow-source-") as staging, \
-            tempfile.TemporaryDirectory(prefix="lesionflow-view-") as view:
+            tempfile.TemporaryDirectory(prefix="lesionflow-view-") as view, \
+            tempfile.TemporaryDirectory(prefix="lesionflow-layout-") as layout:
         root = materialize_source(cfg.source, endpoint_url, Path(staging)).resolve()
         if not cfg.source.startswith("s3://"):
             display_root = str(root)
+        root, cfg = nnunet.as_ingest_source(root, cfg, Path(layout))  # other sources: unchanged
         pseudonyms = None
         if cfg.pseudonymize_ids or _holds_dicom(cfg, root):
             if key is None:
