@@ -179,13 +179,16 @@ def run_worker(params, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
 def _tracking(scratch: Path):
     """An active MLflow run for the step's logging: rank 0's in the configured store, every
     other one (and rank 0's when no store is configured) in a local store under ``scratch``
-    (MLflow's file store: no database to create for a log nobody reads)."""
+    (MLflow's file store: no database to create for a log nobody reads; the run and experiment
+    the environment names are the configured store's, not this one's)."""
     import mlflow
 
     from lesionflow import UNCONNECTED_TRACKING_URI
 
     configured = os.environ.get("MLFLOW_TRACKING_URI", UNCONNECTED_TRACKING_URI) != UNCONNECTED_TRACKING_URI
     if not (is_main() and configured):
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            os.environ.pop(name, None)
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         mlflow.set_tracking_uri((scratch / "mlruns").as_uri())
     with mlflow.start_run() as run:

@@ -31,12 +31,13 @@ PER_RANK = 2  # batch per rank; one process takes 2 × PER_RANK
 N_TRAIN = 8  # divisible by 2 × PER_RANK: no padded or dropped samples
 
 
-def torchrun(nproc: int, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+def torchrun(nproc: int, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+             ) -> subprocess.Popen:
     """``args`` under ``torchrun --nproc_per_node=nproc`` (the venv's torch, a free rendezvous
     port, one thread per rank as the workers of a 2-core machine must), started."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1]), **(env or {})}
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -184,6 +185,7 @@ def test_worker_writes_the_model_and_result_from_rank_zero_only(dataset, tmp_pat
     """``python -m lesionflow.distributed`` on 2 ranks trains the step's model (a real UNet, batch
     norm included) and only rank 0 writes: one model dir, one result.json; no rank leaves an
     MLflow store (or anything else) in the working directory."""
+    from lesionflow import UNCONNECTED_TRACKING_URI
     from lesionflow.models.store import load_model
 
     params = tmp_path / "params.yaml"
@@ -194,7 +196,9 @@ def test_worker_writes_the_model_and_result_from_rank_zero_only(dataset, tmp_pat
     work.mkdir()
     out = tmp_path / "out"
     cmd = ["-m", "lesionflow.distributed", "--params", str(params), "--dataset", str(dataset), "--out", str(out)]
-    stdout = finished(torchrun(2, *cmd, cwd=work))
+    # a run named by the environment, but no store: nothing to resume, the log is thrown away
+    env = {"MLFLOW_TRACKING_URI": UNCONNECTED_TRACKING_URI, "MLFLOW_RUN_ID": "0" * 32}
+    stdout = finished(torchrun(2, *cmd, cwd=work, env=env))
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["training"] == "plain"
     assert 0 <= result["metrics"]["best_val_dice"] <= 1 and "train_loss" in result["metrics"]
