@@ -28,7 +28,7 @@ from lesionflow.data.ingest import ingest
 from lesionflow.data.manifest import read_manifest
 from lesionflow.errors import AnnotationFormatError
 from lesionflow.export import dataset_items, export
-from lesionflow.formats import labelstudio
+from lesionflow.formats import cvat, labelstudio
 from lesionflow.formats.batch import read_batch
 from lesionflow.formats.review import export_batch
 from lesionflow.steps.ingest import build_dataset
@@ -333,3 +333,17 @@ def test_ls_decode_names_a_size_mismatch():
     rle = labelstudio.encode(square(1, 1, 3))
     with pytest.raises(AnnotationFormatError, match="not 10x10x4"):
         labelstudio.decode(rle, 10, 10, "task 1")
+
+
+def test_cvat_xml_written_by_datumaro_reads_back(tmp_path):
+    """Datumaro (the dataset library CVAT's own import/export is built on) wrote this export of
+    the batch below with a's mask repainted: an independent writer of the same format."""
+    batch = read_batch(write_review_batch(tmp_path / "batch", "1", ""))
+    out = tmp_path / "from-datumaro"
+    export_batch(batch.root, "cvat", out)
+    (out / "annotations.xml").write_bytes(
+        (REPO / "tests" / "data" / "formats" / "cvat_written_by_datumaro.xml").read_bytes())
+    got = {c.id: c for c in cvat.read_export(out)}
+    assert np.array_equal(got["a"].mask, square(5, 6, 7)) and got["a"].lesion_type == "polyp"
+    for item in batch.items[1:]:
+        assert np.array_equal(got[item.id].mask, item.mask())
