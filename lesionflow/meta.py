@@ -168,13 +168,11 @@ def inner_adapt(model: nn.Module, params: Weights, buffers: Weights, scratch: We
     for step in range(inner_steps):
         loss = _loss(model, fast, buffers if step == 0 else scratch, batch, loss_fn)
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
-        if not create_graph:
-            grads = distributed.average(grads)
         if create_graph:
             fast = {k: w - inner_lr * g for (k, w), g in zip(fast.items(), grads)}
         else:
             fast = {k: (w.detach() - inner_lr * g).requires_grad_()
-                    for (k, w), g in zip(fast.items(), grads)}
+                    for (k, w), g in zip(fast.items(), distributed.average(grads))}
         first = loss.item() if first is None else first
     return fast, first
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))  # conftest's free_port, also when torchrun runs this file
@@ -179,6 +180,38 @@ def test_first_order_maml_outer_step_is_data_parallel(trained):
         assert (a["task"], a["support_good"], a["query_good"]) == (b["task"], 2 * PER_RANK, 2 * PER_RANK)
         assert a["outer_loss"] == pytest.approx(b["outer_loss"], abs=1e-5)
         assert a["inner_loss"] == pytest.approx(b["inner_loss"], abs=1e-5)
+
+
+class Stream(IterableDataset):
+    """A set's samples in order, as a stream with a length (what ``data.shards`` gives ``fit``)."""
+
+    def __init__(self, data):
+        self.data, self.yielded = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        for i in range(len(self.data)):
+            self.yielded += 1
+            yield self.data[i]
+
+
+def test_fit_takes_an_iterable_train_set_for_the_steps_its_length_gives(dataset):
+    """No sampler or shuffle for a stream (the DataLoader would refuse them), and the one-cycle
+    schedule spans the steps ``len`` gives: the same learning rates as the in-memory set's run."""
+    from lesionflow.config import TrainConfig
+    from lesionflow.training import SegmentationDataset, fit
+
+    model = _segmenter()
+    data = SegmentationDataset(dataset, _records(dataset)[:N_TRAIN], model)
+    cfg = TrainConfig(image_size=32, batch_size=3, epochs=2, lr=1e-2, augment="none", device="cpu")
+    stream = Stream(data)
+    streamed = fit(model, stream, data, cfg, seed=0)
+    in_memory = fit(_segmenter(), data, data, cfg, seed=0)
+    assert stream.yielded == 2 * N_TRAIN
+    assert [r["lr"] for r in streamed.history] == [r["lr"] for r in in_memory.history]
+    assert _close(model.state_dict(), _segmenter().state_dict()) > 100 * ATOL
 
 
 def test_worker_writes_the_model_and_result_from_rank_zero_only(dataset, tmp_path):
