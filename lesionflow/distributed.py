@@ -76,6 +76,8 @@ def process_group(device: torch.device) -> Iterator[None]:
     if "WORLD_SIZE" not in os.environ or initialized():
         yield
         return
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank())  # NCCL's own tensors (object broadcasts) go there
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
@@ -112,7 +114,8 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     one process with the whole batch reports."""
     if world_size() == 1:
         return values
-    (mean,) = average([torch.tensor(list(values.values()), dtype=torch.float64)])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    (mean,) = average([torch.tensor(list(values.values()), dtype=torch.float64, device=device)])
     return dict(zip(values, mean.tolist()))
 
 
