@@ -218,6 +218,14 @@ def test_kept_images_keep_the_pixels_and_none_of_the_files_metadata(server, regi
             assert data[data.index(b"\xff\xda"):] == kept[kept.index(b"\xff\xda"):]
 
 
+def test_an_unwritable_log_dir_stops_serve_with_a_named_error(registered, tmp_path, capsys):
+    _, cli_args, _ = registered
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["serve", "--port", "0", *cli_args, "--set", f"serve.log_dir={blocker}"]) == 2
+    assert "PredictionLogError: cannot write the prediction log at" in capsys.readouterr().err
+
+
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path

@@ -93,8 +93,13 @@ class SegmentWriter:
 
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes = Path(folder), max_bytes
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise PredictionLogError(f"cannot write the prediction log at {self.folder} "
+                                     f"({err.strerror or err}): set serve.log_dir to a writable "
+                                     "folder (on Kubernetes: a mounted volume)") from None
         self._threads = threading.Lock()  # flock does not exclude threads sharing one descriptor
         self._fd: int | None = None
         with self._locked():
