@@ -36,6 +36,9 @@ TAG_PIPELINE_RUN_ID = _PREFIX + "pipeline_run_id"
 TAG_PARENT_VERSION = _PREFIX + "parent_version"  # the champion when this version was registered
 METRIC_TAG_PREFIX = _PREFIX + "metric."
 
+# the dataset versions of one pipeline run, by role: each tag names exactly one of them
+DATASET_TAGS = {"ingested": TAG_DATASET_MD5, "augmented": TAG_AUGMENTED_DATASET_MD5,
+                "trained_on": TAG_PSEUDO_DATASET_MD5}
 # what a pipeline step may add to the lineage it passes on
 STEP_KEYS = (TAG_DATASET_MD5, TAG_CORRECTIONS_MD5, TAG_AUGMENTED_DATASET_MD5, TAG_PSEUDO_DATASET_MD5,
              TAG_LABELLER_VERSION, TAG_VIDEO_MODEL, TAG_WEAK_MODEL, TAG_INIT_FROM_VERSION)

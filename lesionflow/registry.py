@@ -118,6 +118,7 @@ def register_model(
     model: Segmenter | LesionTypeRouter, *, name: str, lineage: dict[str, str],
     metrics: dict[str, float], threshold: float = DEFAULT_THRESHOLD,
     artifacts: dict[str, object] | None = None, decision_tags: dict[str, str] | None = None,
+    key_params: dict[str, str] | None = None,
 ) -> str:
     """Log ``model`` in the active run as a pyfunc and register it as a new version of ``name``.
 
@@ -131,8 +132,8 @@ def register_model(
     are filled in when absent. ``artifacts`` (path → JSON-able content, e.g. the resolved params)
     are logged on the run first: a version is only created, with all its tags in the same call,
     once everything it refers to is stored. ``decision_tags`` (the gate's) go on with them, so a
-    killed process never leaves a version without its lineage or its gate record. Returns the new
-    version number as a string.
+    killed process never leaves a version without its lineage or its gate record. ``key_params`` go
+    on the logged model, so its page lists them. Returns the new version number as a string.
     """
     run = mlflow.active_run()
     if run is None:
@@ -162,7 +163,7 @@ def register_model(
             name="model", python_model=SegmentationModel(),
             artifacts={WEIGHTS: str(Path(tmp) / WEIGHTS), runtime.ONNX: str(Path(tmp) / runtime.ONNX)},
             model_config={"threshold": float(threshold)}, signature=SIGNATURE,
-            pip_requirements=_pip_requirements(),
+            pip_requirements=_pip_requirements(), params=key_params,
         )
     mlflow.set_tags({k: v for k, v in tags.items() if k != TAG_REGISTRATION})  # a run never changes state
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
@@ -276,9 +277,7 @@ def _who() -> str:
 
 def _record(move: AliasMove, gate_record: dict | None = None) -> None:
     client = _client()
-    exp_id = tracking.experiment_id(
-        _history_experiment(move.model),
-        tags={"mlflow.note.content": f"Append-only log of alias moves on model {move.model}."})
+    exp_id = history_experiment_id(move.model)
     tags = {f: (getattr(move, f) or NONE) for f in _MOVE_FIELDS}
     tags["mlflow.user"] = move.who
     label = (f"refuse v{move.candidate}: {move.alias} stays v{move.to_version}" if move.action == "refuse"
@@ -339,6 +338,18 @@ def record_refusal(name: str, candidate: str, *, why: str, gate_record: dict) ->
                      action="refuse", candidate=str(candidate))
     _record(move, gate_record)
     return move
+
+
+def history_experiment_id(name: str) -> str:
+    """The alias-history experiment of ``name`` (created if none yet), for links from the UI."""
+    return tracking.experiment_id(
+        _history_experiment(name),
+        tags={"mlflow.note.content": f"Append-only log of alias moves on model {name}."})
+
+
+def describe_version(name: str, version: str, description: str) -> None:
+    """The version page's description (markdown): what reviewers read first."""
+    _client().update_model_version(name, str(version), description=description)
 
 
 def finish_registration(name: str, version: str) -> None:

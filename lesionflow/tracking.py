@@ -8,6 +8,7 @@ step that needs it. Reviewers then see each pipeline run as one expandable row i
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,7 +67,8 @@ def parent_run_id(params: Params, pipeline_run_id: str) -> str:
                                        f"and tags.`{lineage.TAG_STEP}` = 'pipeline'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment, run_name=f"pipeline {pipeline_run_id}",
+    # renamed by ``summarize_pipeline_run`` once the gate has decided
+    run = client.create_run(experiment, run_name=f"{dataset_label(params)} · running {pipeline_run_id[:8]}",
                             tags={lineage.TAG_PIPELINE_RUN_ID: pipeline_run_id, lineage.TAG_STEP: "pipeline",
                                   lineage.TAG_PARAMS_HASH: params.digest()})
     return run.info.run_id
@@ -76,13 +78,46 @@ def parent_run_id(params: Params, pipeline_run_id: str) -> str:
 def step_run(params: Params, step: str, pipeline_run_id: str) -> Iterator[mlflow.ActiveRun]:
     """A nested MLflow run for one step of one pipeline run (ended FAILED if the step raises)."""
     parent = parent_run_id(params, pipeline_run_id)
-    with mlflow.start_run(run_name=step, parent_run_id=parent,
+    # the meta_train step trains plainly when meta-training is off: name the run for what it did
+    run_name = "train" if step == "meta_train" and not params.meta_train.enabled else step
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent,
                           tags={lineage.TAG_PIPELINE_RUN_ID: pipeline_run_id, lineage.TAG_STEP: step}) as run:
         yield run
 
 
-def finish_pipeline_run(params: Params, pipeline_run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient().set_terminated(parent_run_id(params, pipeline_run_id), status=status)
+def dataset_label(params: Params) -> str:
+    """What reviewers call the data: the source folder's name (``kvasir-seg``), or ``synthetic``."""
+    return Path(params.ingest.source.rstrip("/")).name or params.ingest.source
+
+
+def log_dataset_input(params: Params, md5: str, name: str, context: str) -> None:
+    """A DVC dataset version as an input of the active run, so the UI's Datasets column names it:
+    the digest is the DVC hash, the source is the object DVC stores it as on the remote."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    remote = params.runtime.remote().rstrip("/")
+    with warnings.catch_warnings():  # MLflow registers its local-artifact source twice and says so
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+        source = resolve_dataset_source(f"{remote}/files/md5/{md5[:2]}/{md5[2:]}")
+    mlflow.log_input(MetaDataset(source, name=name, digest=md5), context=context)
+
+
+def summarize_pipeline_run(params: Params, pipeline_run_id: str, *, name: str, description: str,
+                           key_params: dict[str, object], metrics: dict[str, float]) -> None:
+    """Give the pipeline's parent run what reviewers compare pipelines by (the children hold the
+    detail): a telling name, a description, the key params and the headline metrics; then end it."""
+    client = MlflowClient()
+    run_id = parent_run_id(params, pipeline_run_id)
+    client.update_run(run_id, name=name)
+    client.set_tag(run_id, "mlflow.note.content", description)
+    existing = client.get_run(run_id).data.params  # a re-run register step logs the same values
+    for key, value in key_params.items():
+        if key not in existing:
+            client.log_param(run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.set_terminated(run_id, status="FINISHED")
 
 
 def end_runs_of_dead_pipelines(params: Params, pipeline_run_ids: list[str]) -> None:

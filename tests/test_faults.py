@@ -142,8 +142,8 @@ def assert_consistent(server: Server, workdir: Path) -> None:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="attributes.status = 'RUNNING'")
     assert not runs, f"runs left RUNNING: {[r.info.run_name for r in runs]}"
-    md5s = {r.data.tags[lineage.TAG_DATASET_MD5] for r in client.search_runs(
-        [e.experiment_id for e in client.search_experiments()]) if lineage.TAG_DATASET_MD5 in r.data.tags}
+    md5s = {r.data.tags[tag] for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+            for tag in lineage.DATASET_TAGS.values() if tag in r.data.tags}
     assert md5s
     for i, md5 in enumerate(sorted(md5s)):  # every dataset version any run recorded restores
         restore_dataset(md5, workdir.parent / "restored" / str(i), remote=str(workdir / "dvc-remote"))

@@ -110,6 +110,7 @@ def test_main_job_runs_locally_twice_then_rolls_back(tmp_path):
     assert compared["champion_version"] == "1" and compared["n"] > 0
     assert compared["excluded"]["seen_by_champion"] == 0  # same stable splits: nothing leaked
     assert registry.version_info(name, "2")["tags"][lineage.TAG_GATE_N] == str(compared["n"])
+    assert_workbench(params, v2)
 
     # rebuilt from its lineage alone: the same weights, so exactly the same metrics
     rebuilt = subprocess.run(base + ["reproduce", "1", "--params", str(REPO / "params.yaml"), *overrides],
@@ -129,3 +130,40 @@ def test_main_job_runs_locally_twice_then_rolls_back(tmp_path):
     hist = subprocess.run(base + ["history", "--params", str(REPO / "params.yaml"), *overrides],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert hist.returncode == 0 and "promote" in hist.stdout and "ci-bot" in hist.stdout
+
+
+def assert_workbench(params: config.Params, version: dict) -> None:
+    """What a reviewer sees in the MLflow UI for the pipeline run behind ``version``: a parent run
+    named and described for comparison, with key params and per-type metrics; one tag per
+    dataset role and the datasets as run inputs carrying their DVC hashes; labelled overlays,
+    worst first; the version's description with its gate record and alias-history link."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    tags = version["tags"]
+    experiment = client.get_experiment_by_name(params.runtime.experiment).experiment_id
+    runs = client.search_runs([experiment], filter_string=(
+        f"tags.`{lineage.TAG_PIPELINE_RUN_ID}` = '{tags[lineage.TAG_PIPELINE_RUN_ID]}'"))
+    by_step = {r.data.tags[lineage.TAG_STEP]: r for r in runs}
+    parent = by_step["pipeline"]
+    dice = parent.data.metrics["test_dice"]
+    assert parent.info.run_name == f"synthetic · Dice {dice:.3f} · {tags[lineage.TAG_GATE]} v{version['version']}"
+    assert "Champion now" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.params["model.arch"] == params.model.arch
+    assert any(k.startswith("test_") and k.endswith("_dice") and k != "test_dice" for k in parent.data.metrics)
+    # each dataset role has its own tag, and the three hashes differ
+    produced = {role: by_step[step].data.tags[tag] for role, tag, step in (
+        ("ingested", lineage.TAG_DATASET_MD5, "ingest"), ("augmented", lineage.TAG_AUGMENTED_DATASET_MD5,
+                                                          "synthesize_video"),
+        ("trained_on", lineage.TAG_PSEUDO_DATASET_MD5, "pseudo_label"))}
+    assert len(set(produced.values())) == 3 and produced["ingested"] == tags[lineage.TAG_DATASET_MD5]
+    inputs = {(d.dataset.digest, t.value) for d in by_step["meta_train"].inputs.dataset_inputs
+              for t in d.tags if t.key == "mlflow.data.context"}
+    assert inputs == {(tags[lineage.TAG_PSEUDO_DATASET_MD5], "training")}
+    assert by_step["meta_train"].info.run_name == ("meta_train" if params.meta_train.enabled else "train")
+    overlays = sorted(a.path for a in client.list_artifacts(by_step["evaluate"].info.run_id, "overlays"))
+    assert overlays and overlays[0].startswith("overlays/001_dice")
+    dices = [float(p.split("_dice")[1].split("_")[0]) for p in overlays]
+    assert dices == sorted(dices)  # worst first
+    description = client.get_model_version(params.runtime.model_name, version["version"]).description
+    assert f"**Gate: {tags[lineage.TAG_GATE]}**" in description and "#/experiments/" in description

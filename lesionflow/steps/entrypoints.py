@@ -103,7 +103,7 @@ def synthesize_video(params_json: str, pipeline_run_id: str, lineage_json: str, 
 
     with step_context(params_json, "synthesize_video", pipeline_run_id) as params:
         report = synthesize_video_step.synthesize_video(params, Path(dataset_path), Path(out_path))
-        version = ingest_step.version_and_log(params, Path(out_path))
+        version = ingest_step.version_and_log(params, Path(out_path), role="augmented")
     return {"dvc_md5": version.md5, **report.counts,
             "lineage": lineage.merged(lineage_json, augmented_dataset_md5=version.md5,
                                       video_model=report.model_uri)}
@@ -116,7 +116,7 @@ def pseudo_label(params_json: str, pipeline_run_id: str, lineage_json: str, data
 
     with step_context(params_json, "pseudo_label", pipeline_run_id) as params:
         report = pseudo_label_step.pseudo_label(params, Path(dataset_path), Path(out_path))
-        version = ingest_step.version_and_log(params, Path(out_path))
+        version = ingest_step.version_and_log(params, Path(out_path), role="trained_on")
     return {"dvc_md5": version.md5, "labeller": report.labeller or lineage.NONE, **report.counts,
             "lineage": lineage.merged(lineage_json, pseudo_dataset_md5=version.md5,
                                       labeller_version=report.labeller, weak_model=report.weak_model)}
@@ -126,11 +126,14 @@ def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, datase
                model_path: str) -> dict:
     import mlflow
 
+    from lesionflow import tracking
     from lesionflow.steps import meta_train as meta_train_step
     from lesionflow.steps.train import init_version
 
     with step_context(params_json, "meta_train", pipeline_run_id) as params:
         run_id = mlflow.active_run().info.run_id
+        tracking.log_dataset_input(params, json.loads(lineage_json)[lineage.TAG_PSEUDO_DATASET_MD5],
+                                   f"{tracking.dataset_label(params)} (trained_on)", context="training")
         warm_from = init_version(params)  # resolved once: the weights loaded = the version recorded
         outcome = meta_train_step.run(params.with_section("train", init_from=warm_from),
                                       Path(dataset_path), Path(model_path))
@@ -140,9 +143,12 @@ def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, datase
 
 def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
              model_path: str, report_path: str) -> dict:
+    from lesionflow import tracking
     from lesionflow.steps import evaluate as evaluate_step
 
     with step_context(params_json, "evaluate", pipeline_run_id) as params:
+        tracking.log_dataset_input(params, json.loads(lineage_json)[lineage.TAG_DATASET_MD5],
+                                   f"{tracking.dataset_label(params)} (ingested)", context="testing")
         result = evaluate_step.evaluate(params, Path(dataset_path), Path(model_path), Path(report_path))
     out = {**{k: result.candidate.table["overall"][k] for k in ("dice", "iou", "hd95")},
            "fps": result.candidate.fps}
@@ -166,7 +172,8 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
     with step_context(params_json, "register", pipeline_run_id) as params:
         used = json.loads(lineage_json)
         outcome = register_step.register(params, Path(model_path), evaluation, used, pipeline_run_id)
-    tracking.finish_pipeline_run(params, pipeline_run_id)
+    tracking.summarize_pipeline_run(params, pipeline_run_id,
+                                    **register_step.pipeline_summary(params, outcome, evaluation))
     return json.dumps({
         "pipeline_run_id": pipeline_run_id,
         "dataset_dvc_md5": used[lineage.TAG_DATASET_MD5],

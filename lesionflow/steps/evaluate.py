@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,22 +86,19 @@ class Evaluation:
         return cls(raw["split"], ModelScore(**raw["candidate"]), comparison)
 
 
-def score_model(model, dataset_dir: Path, records: list[Record], threshold: float, overlays: int = 0,
-                prefix: str = "") -> ModelScore:
+def score_model(model, dataset_dir: Path, records: list[Record], threshold: float) -> ModelScore:
     """Per-image metrics of ``model`` (anything with ``predict_proba``: a ``Segmenter``, a router
     or their ``runtime.predictor``; HD95 in mm where the record's pixel spacing is known)
     aggregated per lesion type; frames/s measured one frame at a time, as a real-time video stream
     would arrive (pre- and post-processing included)."""
     rows = []
     start = time.perf_counter()
-    for i, record in enumerate(records):
+    for record in records:
         image = load_image(dataset_dir, record)
         prob = model.predict_proba([image], lesion_types=[record.lesion_type])[0]
         pred, truth = prob > threshold, load_mask(dataset_dir, record)
         rows.append({**image_metrics(pred, truth, record.spacing), "id": record.id,
                      "lesion_type": record.lesion_type})
-        if i < overlays:
-            mlflow.log_image(overlay_strip(image, truth, pred), f"{prefix}overlays/{record.id}.png")
     fps = len(records) / (time.perf_counter() - start)
     return ModelScore(aggregate(rows), fps, rows)
 
@@ -147,8 +145,31 @@ def compare_with_champion(params: Params, dataset_dir: Path, records: list[Recor
         candidate=candidate.subset({r.id for r in compared}), champion=champion.table)
 
 
-def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Image | truth (green) | prediction (red), side by side, for reviewers in the MLflow UI."""
+OVERLAY_HEIGHT = 256  # px per panel: smaller strips are unreadable in the MLflow artifact view
+
+
+def log_overlays(model, dataset_dir: Path, records: list[Record], score: ModelScore, n: int,
+                 threshold: float) -> None:
+    """The ``n`` worst test images (lowest Dice first) as labelled overlay strips, named so the
+    artifact browser lists them worst first: where a reviewer should look."""
+    by_id = {r.id: r for r in records}
+    # an undefined Dice (no lesion in truth or prediction) is not a failure to look at first
+    worst = sorted(score.rows, key=lambda row: (row["dice"] if math.isfinite(row["dice"]) else 2.0,
+                                                 row["id"]))[:n]
+    for rank, row in enumerate(worst, start=1):
+        record = by_id[row["id"]]
+        image = load_image(dataset_dir, record)
+        pred = model.predict_proba([image], lesion_types=[record.lesion_type])[0] > threshold
+        label = f"#{rank} worst · {record.lesion_type} · Dice {row['dice']:.3f} · {record.id}"
+        mlflow.log_image(overlay_strip(image, load_mask(dataset_dir, record), pred, label),
+                         f"overlays/{rank:03d}_dice{row['dice']:.3f}_{record.id.replace('/', '_')}.png")
+
+
+def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, label: str = "") -> np.ndarray:
+    """Image | truth (green) | prediction (red), each panel at least ``OVERLAY_HEIGHT`` px high,
+    under a caption line, for reviewers in the MLflow UI."""
+    from PIL import Image, ImageDraw, ImageFont
+
     rgb = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(
         image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
 
@@ -158,7 +179,18 @@ def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.
         return out.astype(np.uint8)
 
     gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([rgb, gap, tint(truth, (0, 255, 0)), gap, tint(pred, (255, 0, 0))], axis=1)
+    strip = Image.fromarray(np.concatenate([rgb, gap, tint(truth, (0, 255, 0)), gap, tint(pred, (255, 0, 0))],
+                                           axis=1))
+    if strip.height < OVERLAY_HEIGHT:
+        strip = strip.resize((round(strip.width * OVERLAY_HEIGHT / strip.height), OVERLAY_HEIGHT),
+                             Image.Resampling.BILINEAR)
+    font = ImageFont.load_default(size=18)
+    caption = 28
+    canvas = Image.new("RGB", (strip.width, strip.height + caption), "white")
+    canvas.paste(strip, (0, caption))
+    ImageDraw.Draw(canvas).text((6, 4), f"{label}   image | truth (green) | prediction (red)".strip(),
+                                fill="black", font=font)
+    return np.asarray(canvas)
 
 
 def select(records: list[Record], split: str) -> list[Record]:
@@ -183,7 +215,8 @@ def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
     records = select(read_manifest(dataset_dir), split)
     cfg = params.evaluate
     model = runtime.predictor(load_model(model_dir))  # exported as registration will export it
-    candidate = score_model(model, dataset_dir, records, cfg.threshold, overlays=cfg.n_overlays)
+    candidate = score_model(model, dataset_dir, records, cfg.threshold)
+    log_overlays(model, dataset_dir, records, candidate, cfg.n_overlays, cfg.threshold)
     result = Evaluation(split, candidate, compare_with_champion(params, dataset_dir, records, model_dir,
                                                                 candidate))
     for name, row in candidate.table.items():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 
-from lesionflow import corrections, lineage, timing
+from lesionflow import corrections, lineage, timing, tracking
 from lesionflow.config import MetadataColumns, Params
 from lesionflow.corrections import CorrectionsVersion
 from lesionflow.data import synthetic
@@ -42,8 +42,9 @@ def build_dataset(params: Params, out_dir: Path) -> IngestReport:
         return ingest(cfg, out_dir, seed=params.seed, key=key)
 
 
-def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
-    """DVC-version a finished dataset, push it, and put its identity in the active MLflow run.
+def version_and_log(params: Params, dataset_dir: Path, role: str = "ingested") -> DatasetVersion:
+    """DVC-version a finished dataset, push it, and put its identity in the active MLflow run: the
+    tag of its ``role`` (``lineage.DATASET_TAGS``), a dataset input, and the .dvc file.
     With ``ingest.layout: shards`` the version holds the dataset's shards, not its files (the
     step's output stays in the files layout the next steps read)."""
     timing.mark("compute")  # the step's work until now; DVC's is timed on its own
@@ -61,10 +62,11 @@ def version_and_log(params: Params, dataset_dir: Path) -> DatasetVersion:
                                   workspace=params.runtime.resolved_workdir() / "dvc-workspace",
                                   retry_seconds=params.runtime.service_wait_seconds)
     timing.mark("dvc version")
-    mlflow.set_tag(lineage.TAG_DATASET_MD5, version.md5)
+    mlflow.set_tag(lineage.DATASET_TAGS[role], version.md5)
     mlflow.log_param("dvc.remote", version.remote)
     mlflow.log_artifact(str(dataset_dir / FINGERPRINT))
-    mlflow.log_text(version.dvc_file, "dataset.dvc")
+    mlflow.log_text(version.dvc_file, "dataset.dvc.yaml")  # .yaml: the artifact browser previews it
+    tracking.log_dataset_input(params, version.md5, f"{tracking.dataset_label(params)} ({role})", context=role)
     return version
 
 

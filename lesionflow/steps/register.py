@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import reduce
 from pathlib import Path
 
 from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.lineage import (
+    DATASET_TAGS,
     EVALUATION_ARTIFACT,
     GATE_ARTIFACT,
     NONE,
@@ -26,6 +28,8 @@ from lesionflow.lineage import (
     TAG_GATE_N,
     TAG_GATE_REASON,
     TAG_GATE_RECORD_SET,
+    TAG_GIT_COMMIT,
+    TAG_GIT_DIRTY,
     TAG_PARAMS_HASH,
     TAG_PARENT_VERSION,
     TAG_PIPELINE_RUN_ID,
@@ -33,6 +37,17 @@ from lesionflow.lineage import (
 )
 from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import Evaluation
+
+# What reviewers compare pipeline runs and versions by; the full params are an artifact.
+KEY_PARAMS = ("ingest.source", "seed", "model.arch", "model.base_channels", "model.depth",
+              "train.image_size", "train.epochs", "train.batch_size", "train.lr", "train.augment",
+              "train.loss", "train.ema_decay", "meta_train.enabled", "video.enabled", "weak_label.enabled")
+
+
+def key_params(params: Params) -> dict[str, str]:
+    values = params.model_dump(mode="json")
+    return {key: str(reduce(lambda section, part: section[part], key.split("."), values))
+            for key in KEY_PARAMS}
 
 
 @dataclass
@@ -79,13 +94,70 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: d
                    RECORDS_ARTIFACT: json.loads((model_dir / RECORDS_FILE).read_text()),
                    EVALUATION_ARTIFACT: {"split": evaluation.split, "table": evaluation.candidate.table},
                    GATE_ARTIFACT: record},
-        decision_tags={**gate_tags, TAG_REGISTRATION: REGISTRATION_PENDING})
+        decision_tags={**gate_tags, TAG_REGISTRATION: REGISTRATION_PENDING}, key_params=key_params(params))
     registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
     if decision.promote:
         registry.move_alias(name, "champion", version, why=decision.reason, action="promote",
                             gate_record=record)
     else:
         registry.record_refusal(name, version, why=decision.reason, gate_record=record)
+    tags = registry.version_info(name, version)["tags"]
+    registry.describe_version(name, version, version_description(params, evaluation, record, tags))
     registry.finish_registration(name, version)
     return RegisterOutcome(version, decision.promote, decision.reason, registry.champion_version(name),
                            record, recovered)
+
+
+def metrics_table(table: dict[str, dict[str, float]]) -> str:
+    """A per-type metrics table in markdown (the MLflow UI renders descriptions as markdown)."""
+    lines = ["| lesion type | n | Dice | IoU | HD95 |", "|---|---|---|---|---|"]
+    for lesion_type, row in table.items():
+        lines.append(f"| {lesion_type} | {int(row['n'])} | {row['dice']:.4f} | {row['iou']:.4f} | "
+                     f"{row['hd95']:.2f} |")
+    return "\n".join(lines)
+
+
+def version_description(params: Params, evaluation: Evaluation, record: dict, tags: dict[str, str]) -> str:
+    """The version page's description: the gate decision and why, the test table, the datasets
+    and code it came from, the key params, and links to its alias history and pipeline run."""
+    name = params.runtime.model_name
+    compared = record["comparison"]
+    against = (f"against champion v{compared['champion_version']} on {compared['n']} test records "
+               f"unseen by both (record set `{compared['record_set']}`)" if compared else "no champion yet")
+    datasets = ", ".join(f"{role.replace('_', ' ')} `{tags[tag]}`" for role, tag in DATASET_TAGS.items()
+                         if tags.get(tag, NONE) != NONE)
+    history = registry.history_experiment_id(name)
+    return "\n\n".join([
+        f"**Gate: {record['decision']}** ({against}): {record['reason']}",
+        f"Test split ({evaluation.split}), {evaluation.candidate.fps:.1f} frames/s:\n\n"
+        + metrics_table(evaluation.candidate.table),
+        f"Data (DVC): {datasets}. Code `{tags[TAG_GIT_COMMIT]}`"
+        + (" (uncommitted changes)" if tags.get(TAG_GIT_DIRTY) == "true" else "")
+        + f". Parent version: {tags.get(TAG_PARENT_VERSION, NONE)}.",
+        "Key params: " + ", ".join(f"`{k}={v}`" for k, v in key_params(params).items()),
+        f"[Alias history of {name}](#/experiments/{history}) · gate record: `{GATE_ARTIFACT}` on the "
+        "source run",
+    ])
+
+
+def pipeline_summary(params: Params, outcome: RegisterOutcome, evaluation: Evaluation) -> dict:
+    """What the pipeline's parent run shows: name, description, key params, per-type metrics."""
+    from lesionflow.tracking import dataset_label
+
+    overall = evaluation.candidate.table["overall"]
+    name = params.runtime.model_name
+    decision = "promoted" if outcome.promoted else "refused"
+    metrics = {f"test_{k}" if lesion_type == "overall" else f"test_{lesion_type}_{k}": v
+               for lesion_type, row in evaluation.candidate.table.items() for k, v in row.items()
+               if k != "n" and math.isfinite(v)}
+    return {
+        "name": f"{dataset_label(params)} · Dice {overall['dice']:.3f} · {decision} v{outcome.version}",
+        "description": "\n\n".join([
+            f"[{name} v{outcome.version}](#/models/{name}/versions/{outcome.version}), **{decision}**: "
+            f"{outcome.reason}. Champion now: v{outcome.champion or NONE}.",
+            metrics_table(evaluation.candidate.table),
+            "Each step is a child run; the dataset versions are in the Datasets column.",
+        ]),
+        "key_params": key_params(params),
+        "metrics": {**metrics, "fps": evaluation.candidate.fps, "promoted": float(outcome.promoted)},
+    }
