@@ -347,3 +347,11 @@ def test_cvat_xml_written_by_datumaro_reads_back(tmp_path):
     assert np.array_equal(got["a"].mask, square(5, 6, 7)) and got["a"].lesion_type == "polyp"
     for item in batch.items[1:]:
         assert np.array_equal(got[item.id].mask, item.mask())
+
+
+def test_brush_rle_written_by_label_studios_encoder_reads_back():
+    """The frontend encodes brush regions with @thi.ng/rle-pack (JavaScript); this RLE was written
+    by it, label colour in RGB and the region in alpha, as the editor's canvas holds it."""
+    doc = json.loads((REPO / "tests" / "data" / "formats" / "labelstudio_brush_by_rle_pack.json").read_text())
+    mask = labelstudio.decode(doc["rle"], doc["height"], doc["width"], "fixture")
+    assert np.array_equal(mask, square(3, 4, 6) | square(10, 10, 5))
