@@ -312,8 +312,7 @@ def cmd_train_worker(args: argparse.Namespace) -> int:
     on rank 0 the model to ``--output`` for the meta_train step to collect."""
     from lesionflow.trainjob import work
 
-    work(config.from_json(args.params_json), args.dataset_md5, args.output,
-         parent_run_id=args.parent_run_id, scratch=args.scratch)
+    work(config.from_json(args.params_json), args.dataset_md5, args.output, scratch=args.scratch)
     return 0
 
 
@@ -411,7 +410,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params-json", required=True, help="the step's resolved params, as JSON")
     p.add_argument("--dataset-md5", required=True, help="DVC hash of the dataset version to train on")
     p.add_argument("--output", required=True, help="s3://… where rank 0 uploads the model")
-    p.add_argument("--parent-run-id", help="the step's MLflow run: rank 0 logs in a child run")
     p.add_argument("--scratch", type=Path, help="local folder for the dataset and the model "
                    "(default: <tmp>/lesionflow-train-worker)")
     p.set_defaults(func=cmd_train_worker)

@@ -15,7 +15,8 @@ With ``cluster.train.num_nodes`` > 1 the meta_train step does not train in its o
    it from S3, so evaluate and register see exactly what in-pod training would have written.
 
 Each worker process (``work``) restores the dataset version from the remote, trains with
-``lesionflow.distributed.run_worker`` and, on rank 0, uploads the model. The body is built from the
+``lesionflow.distributed.run_worker`` (rank 0 logging to a child run of the step's MLflow run)
+and, on rank 0, uploads the model. The body is built from the
 ``kubeflow-trainer-api`` models (the Trainer project's own generated types), not hand-written dicts.
 """
 
@@ -74,22 +75,25 @@ def output_prefix(params: Params) -> str:
 
 
 def build_trainjob(params: Params, *, name: str, image: str, dataset_md5: str, output: str,
-                   parent_run_id: str | None = None) -> dict[str, Any]:
+                   mlflow_run_id: str | None = None) -> dict[str, Any]:
     """The TrainJob body: the project image on ``num_nodes`` nodes running ``lesionflow
     train-worker`` under torchrun, resources per node, the credentials Secret's keys as env (as
-    every pipeline step gets them) and, when set, node selector + GPU toleration as a runtime patch.
+    every pipeline step gets them), the MLflow server and the run rank 0 logs into
+    (``mlflow_run_id``), and, when set, node selector + GPU toleration as a runtime patch.
     ``activeDeadlineSeconds`` = the step's timeout, so the cluster stops the job even if the step
     dies without deleting it."""
     from kubeflow_trainer_api import models as m
 
     cluster, cfg = params.cluster, params.cluster.train
     args = ["--params-json", params.model_dump_json(), "--dataset-md5", dataset_md5, "--output", output]
-    if parent_run_id:
-        args += ["--parent-run-id", parent_run_id]
     env = [m.IoK8sApiCoreV1EnvVar(name=key, value_from=m.IoK8sApiCoreV1EnvVarSource(
         secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(name=cluster.credentials_secret, key=key,
                                                          optional=True)))
            for key in (cluster.secret_env if cluster.credentials_secret else [])]
+    # lesionflow.distributed.run_worker: rank 0 logs to this store and run, the others nowhere
+    env.append(m.IoK8sApiCoreV1EnvVar(name="MLFLOW_TRACKING_URI", value=params.runtime.tracking_uri()))
+    if mlflow_run_id:
+        env.append(m.IoK8sApiCoreV1EnvVar(name="MLFLOW_RUN_ID", value=mlflow_run_id))
     quantities = {"cpu": cfg.cpu, "memory": cfg.memory,
                   "nvidia.com/gpu": str(cfg.gpus) if cfg.gpus else None}
     limits = {key: m.IoK8sApimachineryPkgApiResourceQuantity(value)
@@ -99,7 +103,7 @@ def build_trainjob(params: Params, *, name: str, image: str, dataset_md5: str, o
     ) if limits else None
     trainer = m.TrainerV1alpha1Trainer(
         image=image, command=["torchrun", "--no-python", "lesionflow", "train-worker"], args=args,
-        env=env or None, num_nodes=cfg.num_nodes, num_proc_per_node=cfg.procs_per_node,
+        env=env, num_nodes=cfg.num_nodes, num_proc_per_node=cfg.procs_per_node,
         resources_per_node=resources)
     patches = None
     if cfg.node_selector or cfg.gpus:
@@ -284,14 +288,14 @@ def deleted_unless_failed(api: Any, namespace: str, name: str) -> Iterator[None]
 
 
 def run(params: Params, dataset_md5: str, out_dir: Path, *, image: str,
-        parent_run_id: str | None = None) -> TrainJobRef:
+        mlflow_run_id: str | None = None) -> TrainJobRef:
     """Create the TrainJob, wait for it, and put the model it trained into ``out_dir``."""
     cfg = params.cluster.train
     api, namespace = kubernetes_api(cfg.namespace)
     name = new_name()
     ref = TrainJobRef(namespace, name, f"{output_prefix(params)}/{name}")
     body = build_trainjob(params, name=name, image=image, dataset_md5=dataset_md5, output=ref.output,
-                          parent_run_id=parent_run_id)
+                          mlflow_run_id=mlflow_run_id)
     with api:
         create(api, namespace, body)
         print(f"created TrainJob {namespace}/{name}: {cfg.num_nodes} nodes, runtime {cfg.runtime}, "
@@ -363,37 +367,31 @@ def download_model(uri: str, out_dir: Path, endpoint_url: str | None, *, remove:
 
 # --- inside the TrainJob's pods ------------------------------------------------------------------
 
-def work(params: Params, dataset_md5: str, output: str, *, parent_run_id: str | None = None,
-         scratch: Path | None = None) -> None:
+def work(params: Params, dataset_md5: str, output: str, *, scratch: Path | None = None) -> None:
     """One torchrun worker process: the dataset version restored once per pod (the node's other
-    local ranks wait on a file lock and reuse it), ``lesionflow.distributed.run_worker``, and on
-    rank 0 the model uploaded to ``output``."""
-    import mlflow
-
-    from lesionflow import tracking
+    local ranks wait on a file lock and reuse it), ``lesionflow.distributed.run_worker`` (which logs
+    from rank 0 to ``MLFLOW_RUN_ID``, the step's child run), and on rank 0 the model (with the
+    worker's ``result.json``) uploaded to ``output``."""
     from lesionflow.distributed import run_worker
     from lesionflow.versioning import restore_dataset
 
     rank = int(os.environ.get("RANK", "0"))
     scratch = Path(scratch or Path(tempfile.gettempdir()) / "lesionflow-train-worker")
     scratch.mkdir(parents=True, exist_ok=True)
-    dataset = scratch / "dataset"
+    dataset = scratch / dataset_md5.removesuffix(".dir")  # a version's content never changes
     with open(scratch / ".restore.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not dataset.exists():  # restore_dataset moves the finished copy into place at once
             restore_dataset(dataset_md5, dataset, remote=params.runtime.remote(),
                             endpoint_url=params.runtime.s3_endpoint_url,
                             retry_seconds=params.runtime.service_wait_seconds)
-    out = scratch / f"model-rank{rank}"
-    tracking.connect(params)  # warm starts load the registered weights
-    if rank == 0 and parent_run_id:  # the nodes' training shows under the step's MLflow run
-        with mlflow.start_run(run_name="trainjob", parent_run_id=parent_run_id):
-            run_worker(params, dataset, out)
-    else:
-        run_worker(params, dataset, out)
-    if rank == 0:
-        n = upload_model(out, output, params.runtime.s3_endpoint_url)
-        print(json.dumps({"uploaded": n, "to": output}))
+    # in here the meta_train step's code trains in-process: it must not start another TrainJob
+    here = params.with_section("cluster", train=params.cluster.train.model_copy(update={"num_nodes": 1}))
+    with tempfile.TemporaryDirectory(prefix=f"model-rank{rank}-", dir=scratch) as out:
+        run_worker(here, dataset, Path(out))
+        if rank == 0:
+            n = upload_model(Path(out), output, params.runtime.s3_endpoint_url)
+            print(json.dumps({"uploaded": n, "to": output}))
 
 
 def _api_message(err: Any) -> str:

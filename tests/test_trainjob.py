@@ -29,11 +29,12 @@ import torch
 import yaml
 
 from lesionflow import cli, config, trainjob
+from lesionflow.distributed import RESULT_FILE
 from lesionflow.errors import TrainJobError, TrainJobFailedError, TrainJobTimeoutError
 from lesionflow.models import build_model
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import load_model, save_model
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.test_chart import helm  # noqa: F401  (the fixture: a real helm binary)
 
 CRD = Path(__file__).parent / "data" / "trainer.kubeflow.org_trainjobs-v2.3.0.yaml"
@@ -95,7 +96,7 @@ def test_trainjob_body_matches_the_crd_and_the_worker_cli(crd_validator):
     name = trainjob.new_name()
     body = trainjob.build_trainjob(params, name=name, image="ghcr.io/lesionflow/lesionflow:0.1.0-abc",
                                    dataset_md5=MD5, output=f"s3://lesions/trainjobs/{name}",
-                                   parent_run_id="r123")
+                                   mlflow_run_id="r123")
     check_body(crd_validator, body)
     spec = body["spec"]
     assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
@@ -106,11 +107,13 @@ def test_trainjob_body_matches_the_crd_and_the_worker_cli(crd_validator):
         2, 1, "ghcr.io/lesionflow/lesionflow:0.1.0-abc")
     assert trainer["resourcesPerNode"] == {"limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"},
                                            "requests": {"cpu": "8", "memory": "32Gi"}}
-    # the credentials Secret reaches the pods as it reaches every pipeline step
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"]}
-    assert set(env) == set(params.cluster.secret_env)
+    # the credentials Secret reaches the pods as it reaches every pipeline step; rank 0 logs into
+    # the run the step made for it
+    env = {e["name"]: e.get("value") or e["valueFrom"]["secretKeyRef"] for e in trainer["env"]}
+    assert set(env) == {*params.cluster.secret_env, "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"}
     assert env["AWS_ACCESS_KEY_ID"] == {"name": "lesionflow-credentials", "key": "AWS_ACCESS_KEY_ID",
                                         "optional": True}
+    assert (env["MLFLOW_TRACKING_URI"], env["MLFLOW_RUN_ID"]) == ("http://mlflow.ml:5000", "r123")
     pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert pod["name"] == "node"
     assert pod["template"]["spec"]["template"]["spec"] == {
@@ -122,7 +125,7 @@ def test_trainjob_body_matches_the_crd_and_the_worker_cli(crd_validator):
     args = cli.build_parser().parse_args(command[3:] + trainer["args"])
     assert args.func is cli.cmd_train_worker
     assert config.from_json(args.params_json) == params
-    assert (args.dataset_md5, args.output, args.parent_run_id) == (MD5, f"s3://lesions/trainjobs/{name}", "r123")
+    assert (args.dataset_md5, args.output) == (MD5, f"s3://lesions/trainjobs/{name}")
 
 
 def test_a_minimal_body_has_no_empty_optional_parts(crd_validator):
@@ -299,10 +302,12 @@ def tiny_model() -> Segmenter:
 
 
 def rank0_uploads(kube, model: Segmenter, tmp_path: Path, endpoint: str) -> None:
-    """The stand-in's pods: before the job completes, rank 0 uploads a real saved model to the
-    ``--output`` of the body it was created with, with the worker's own ``upload_model``."""
+    """The stand-in's pods: before the job completes, rank 0 uploads a real saved model (and the
+    worker's result.json) to the ``--output`` of the body it was created with, with the worker's
+    own ``upload_model``."""
     def upload(job: dict) -> None:
         save_model(model, tmp_path / "rank0")
+        (tmp_path / "rank0" / RESULT_FILE).write_text('{"training": "meta", "world_size": 4}')
         args = job["spec"]["trainer"]["args"]
         trainjob.upload_model(tmp_path / "rank0", args[args.index("--output") + 1], endpoint)
 
@@ -337,35 +342,58 @@ def test_a_completed_job_without_a_model_is_named(kube, s3_server, s3_bucket, tm
     assert not kube.jobs  # not a failed job: nothing to keep
 
 
+def run_the_pods(job: dict, nproc: int, tmp_path: Path) -> None:
+    """What the torch-distributed runtime would start, on this machine: the body's command, args
+    and plain env under the ``PET_*`` variables the runtime sets (one node of ``nproc`` processes
+    here; ``numNodes`` of them on a cluster), the venv's bin first on PATH as the image's is. The
+    Secret's keys come from this environment (the moto server's credentials)."""
+    trainer = job["spec"]["trainer"]
+    env = {**os.environ, **{e["name"]: e["value"] for e in trainer["env"] if "value" in e},
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PET_NNODES": "1", "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": "0",
+           "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    pods = subprocess.run(trainer["command"] + trainer["args"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert pods.returncode == 0, pods.stderr[-5000:]
+
+
 @pytest.mark.slow
-def test_meta_train_step_hands_the_pods_its_dataset_version(kube, s3_server, s3_bucket, tmp_path):
-    """The step's branch: its input dataset goes to the DVC remote and the pods restore exactly
-    that version; rank 0 logs under the step's MLflow run; the collected model is the step's."""
+def test_meta_train_step_trains_through_a_trainjob(kube, s3_server, s3_bucket, mlflow_server, tmp_path):
+    """The step's branch end to end, the pods being real worker processes: the step versions its
+    dataset, creates the TrainJob; its command restores that version from the DVC remote on moto,
+    trains on 2 torchrun ranks, rank 0 logs into a child run of the step's run on a real MLflow
+    server and uploads the model; the step collects it as its output (the workers' result.json goes
+    to MLflow, not into the model) and deletes the job."""
     import mlflow
 
     from lesionflow import tracking
     from lesionflow.steps import meta_train
-    from lesionflow.versioning import restore_dataset
+    from lesionflow.steps.ingest import build_dataset
 
-    dataset = tmp_path / "dataset"
-    (dataset / "images").mkdir(parents=True)
-    (dataset / "manifest.jsonl").write_text('{"id": "a"}\n')
-    (dataset / "images" / "a.png").write_bytes(b"png")
-    params = config.load(None, [f"runtime.workdir={tmp_path / 'work'}", f"runtime.s3_endpoint_url={s3_server}",
-                                f"runtime.dvc_remote=s3://{s3_bucket}/dvc"])
-    # num_nodes 2 with the embedded MLflow store: fine here, the pods are the stand-in's
-    params = params.with_section("cluster", train=params.cluster.train.model_copy(update={"num_nodes": 2}))
-    rank0_uploads(kube, tiny_model(), tmp_path, s3_server)
+    params = config.load(None, [
+        "ingest.source=synthetic", "synthetic.n_images=12", "synthetic.n_videos=0", "synthetic.n_weak=0",
+        "synthetic.size=32", "train.image_size=32", "train.batch_size=2", "train.epochs=1",
+        "train.device=cpu", "model.base_channels=4", "model.depth=2", "meta_train.enabled=false",
+        f"runtime.workdir={tmp_path / 'work'}", f"runtime.s3_endpoint_url={s3_server}",
+        f"runtime.dvc_remote=s3://{s3_bucket}/dvc", f"runtime.mlflow_tracking_uri={mlflow_server}",
+        "runtime.experiment=trainjob", "cluster.train.num_nodes=2"])
+    build_dataset(params, tmp_path / "dataset")
+    kube.outcome, kube.on_complete = "Complete", lambda job: run_the_pods(job, 2, tmp_path)
     tracking.connect(params)
     with mlflow.start_run() as run:
-        outcome = meta_train.train_on_cluster(params, dataset, tmp_path / "model")
-    assert sorted(outcome.results) == ["all"] and load_model(tmp_path / "model")
-    args = kube.requests[0][2]["spec"]["trainer"]["args"]
-    assert args[args.index("--parent-run-id") + 1] == run.info.run_id
-    assert mlflow.get_run(run.info.run_id).data.params["cluster.trainjob"].startswith(f"{NAMESPACE}/lesionflow-")
-    restored = restore_dataset(args[args.index("--dataset-md5") + 1], tmp_path / "restored",
-                               remote=f"s3://{s3_bucket}/dvc", endpoint_url=s3_server)
-    assert (restored / "images" / "a.png").read_bytes() == b"png"
+        meta_train.train_on_cluster(params, tmp_path / "dataset", tmp_path / "model")
+    assert load_model(tmp_path / "model")(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["records.json", "segmenter.pt"]
+    assert [m for m, _ in calls(kube)][-1] == "DELETE" and not kube.jobs
+    trainer = kube.requests[0][2]["spec"]["trainer"]
+    child = mlflow.get_run(next(e["value"] for e in trainer["env"] if e["name"] == "MLFLOW_RUN_ID"))
+    assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert "train_loss" in child.data.metrics  # rank 0 trained and logged there
+    step = mlflow.get_run(run.info.run_id)
+    assert step.data.params["cluster.trainjob"].startswith(f"{NAMESPACE}/lesionflow-")
+    result = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/meta/trainjob_result.json"))
+    assert (result["world_size"], result["training"]) == (2, "plain")
 
 
 def test_failure_raises_the_reason_and_keeps_the_job(kube, tmp_path):

@@ -173,20 +173,29 @@ def train_on_cluster(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTr
     """The same training on ``cluster.train.num_nodes`` nodes as a Kubeflow Trainer TrainJob
     (``lesionflow.trainjob``), its model collected into ``out_dir`` as if trained here. The pods
     restore the dataset from the DVC remote: versioning it again is content-addressed, so it hashes
-    but uploads nothing the pseudo_label step already pushed."""
+    but uploads nothing the pseudo_label step already pushed. Their rank 0 logs into a child run of
+    this step's run (named ``trainjob``)."""
     import lesionflow
     from lesionflow import trainjob
+    from lesionflow.distributed import RESULT_FILE
     from lesionflow.versioning import version_dataset
 
+    if params.train.init_from is not None:
+        raise ConfigError(f"train.init_from: {params.train.init_from} with cluster.train.num_nodes > 1: "
+                          "the training pods do not load registered weights; set train.init_from: null "
+                          "(no --warm-start) or cluster.train.num_nodes: 1")
     runtime = params.runtime
     version = version_dataset(dataset_dir, remote=runtime.remote(), endpoint_url=runtime.s3_endpoint_url,
                               workspace=runtime.resolved_workdir() / "dvc-workspace",
                               retry_seconds=runtime.service_wait_seconds)
-    active = mlflow.active_run()
-    ref = trainjob.run(params, version.md5, out_dir, image=lesionflow.IMAGE,
-                       parent_run_id=active.info.run_id if active else None)
+    with mlflow.start_run(run_name="trainjob", nested=True) as child:
+        ref = trainjob.run(params, version.md5, out_dir, image=lesionflow.IMAGE,
+                           mlflow_run_id=child.info.run_id)
     mlflow.log_params({"cluster.trainjob": f"{ref.namespace}/{ref.name}",
                        "cluster.train.num_nodes": params.cluster.train.num_nodes})
+    result = out_dir / RESULT_FILE  # the workers' summary: kept in MLflow, not in the model
+    mlflow.log_dict(json.loads(result.read_text()), "meta/trainjob_result.json")
+    result.unlink()
     if (out_dir / ROUTER).is_file():
         models = sorted(json.loads((out_dir / ROUTER).read_text()))
     else:
