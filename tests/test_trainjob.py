@@ -162,6 +162,15 @@ def test_several_nodes_need_a_shared_remote_and_tracking_server():
     assert "runtime.dvc_remote" in str(err.value) and "runtime.mlflow_tracking_uri" in str(err.value)
 
 
+def test_warm_start_on_several_nodes_is_refused_before_any_job(tmp_path):
+    """``retrain --warm-start`` pins train.init_from after validation: the step itself refuses."""
+    from lesionflow.steps import meta_train
+
+    params = cluster_params().with_section("train", init_from="3")
+    with pytest.raises(config.ConfigError, match=r"train.init_from: 3 with cluster.train.num_nodes > 1"):
+        meta_train.train_on_cluster(params, tmp_path / "dataset", tmp_path / "model")
+
+
 # --- (b) the conversation with the API server ----------------------------------------------------
 
 class FakeKube(BaseHTTPRequestHandler):
