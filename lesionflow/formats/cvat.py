@@ -101,7 +101,7 @@ def _reviewer(meta: Element | None) -> str | None:
     if meta is None:
         return None
     for who in ("assignee", "owner"):
-        name = meta.findtext(f"./*/{who}/username") or meta.findtext(f"./*/*/*/{who}/username")
+        name = meta.findtext(f"./*/{who}/username")  # <task> or <job>
         if name:
             return name
     return None
