@@ -255,7 +255,7 @@ def failure_reason(api: Any, namespace: str, trainjob: dict) -> str:
                     lines += [f"  | {line}" for line in log.rstrip().splitlines()]
                     logged = True
     except client.ApiException as err:
-        lines.append(f"(pods not readable: {err.status} {err.reason})")
+        lines.append(f"(pods or their logs not readable: {err.status} {err.reason})")
     return "\n".join(lines)
 
 
@@ -304,7 +304,7 @@ def run(params: Params, dataset_md5: str, out_dir: Path, *, image: str,
             job = wait(api, namespace, name, cfg.timeout_minutes * 60)
             if finished(job) == "Failed":
                 raise TrainJobFailedError(f"TrainJob {namespace}/{name} failed: "
-                                    f"{failure_reason(api, namespace, job)}")
+                                          f"{failure_reason(api, namespace, job)}")
             download_model(ref.output, out_dir, params.runtime.s3_endpoint_url, remove=True)
     return ref
 
