@@ -48,7 +48,9 @@ def experiment_id(name: str, tags: dict[str, str] | None = None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_local_artifact_location(), tags=tags)
+    # a model-training experiment: the UI would otherwise open it on an empty GenAI traces page
+    return client.create_experiment(name, artifact_location=_local_artifact_location(),
+                                    tags={"mlflow.experimentKind": "custom_model_development", **(tags or {})})
 
 
 def _local_artifact_location() -> str | None:
@@ -90,25 +92,33 @@ def dataset_label(params: Params) -> str:
     return Path(params.ingest.source.rstrip("/")).name or params.ingest.source
 
 
-def log_dataset_input(params: Params, md5: str, name: str, context: str) -> None:
-    """A DVC dataset version as an input of the active run, so the UI's Datasets column names it:
-    the digest is the DVC hash, the source is the object DVC stores it as on the remote."""
+def log_dataset_input(params: Params, md5: str, name: str, context: str, run_id: str | None = None) -> None:
+    """A DVC dataset version as an input of ``run_id`` (default: the active run), so the UI's
+    Datasets column names it: the digest is the DVC hash, the source is the object DVC stores it
+    as on the remote."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
     remote = params.runtime.remote().rstrip("/")
     with warnings.catch_warnings():  # MLflow registers its local-artifact source twice and says so
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
         source = resolve_dataset_source(f"{remote}/files/md5/{md5[:2]}/{md5[2:]}")
-    mlflow.log_input(MetaDataset(source, name=name, digest=md5), context=context)
+    dataset = MetaDataset(source, name=name, digest=md5)._to_mlflow_entity()
+    MlflowClient().log_inputs(run_id or mlflow.active_run().info.run_id, datasets=[
+        DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def summarize_pipeline_run(params: Params, pipeline_run_id: str, *, name: str, description: str,
-                           key_params: dict[str, object], metrics: dict[str, float]) -> None:
+                           key_params: dict[str, object], metrics: dict[str, float],
+                           datasets: dict[str, str]) -> None:
     """Give the pipeline's parent run what reviewers compare pipelines by (the children hold the
-    detail): a telling name, a description, the key params and the headline metrics; then end it."""
+    detail): a telling name, a description, the key params, the headline metrics and its dataset
+    versions (role → DVC hash); then end it."""
     client = MlflowClient()
     run_id = parent_run_id(params, pipeline_run_id)
+    for role, md5 in datasets.items():
+        log_dataset_input(params, md5, f"{dataset_label(params)} ({role})", context=role, run_id=run_id)
     client.update_run(run_id, name=name)
     client.set_tag(run_id, "mlflow.note.content", description)
     existing = client.get_run(run_id).data.params  # a re-run register step logs the same values

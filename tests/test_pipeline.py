@@ -157,9 +157,12 @@ def assert_workbench(params: config.Params, version: dict) -> None:
                                                           "synthesize_video"),
         ("trained_on", lineage.TAG_PSEUDO_DATASET_MD5, "pseudo_label"))}
     assert len(set(produced.values())) == 3 and produced["ingested"] == tags[lineage.TAG_DATASET_MD5]
-    inputs = {(d.dataset.digest, t.value) for d in by_step["meta_train"].inputs.dataset_inputs
-              for t in d.tags if t.key == "mlflow.data.context"}
-    assert inputs == {(tags[lineage.TAG_PSEUDO_DATASET_MD5], "training")}
+    def inputs(run) -> set[tuple[str, str]]:
+        return {(d.dataset.digest, t.value) for d in run.inputs.dataset_inputs for t in d.tags
+                if t.key == "mlflow.data.context"}
+
+    assert inputs(by_step["meta_train"]) == {(tags[lineage.TAG_PSEUDO_DATASET_MD5], "training")}
+    assert inputs(parent) == {(md5, role) for role, md5 in produced.items()}
     assert by_step["meta_train"].info.run_name == ("meta_train" if params.meta_train.enabled else "train")
     overlays = sorted(a.path for a in client.list_artifacts(by_step["evaluate"].info.run_id, "overlays"))
     assert overlays and overlays[0].startswith("overlays/001_dice")

@@ -173,7 +173,7 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
         used = json.loads(lineage_json)
         outcome = register_step.register(params, Path(model_path), evaluation, used, pipeline_run_id)
     tracking.summarize_pipeline_run(params, pipeline_run_id,
-                                    **register_step.pipeline_summary(params, outcome, evaluation))
+                                    **register_step.pipeline_summary(params, outcome, evaluation, used))
     return json.dumps({
         "pipeline_run_id": pipeline_run_id,
         "dataset_dvc_md5": used[lineage.TAG_DATASET_MD5],

@@ -122,13 +122,13 @@ def version_description(params: Params, evaluation: Evaluation, record: dict, ta
     and code it came from, the key params, and links to its alias history and pipeline run."""
     name = params.runtime.model_name
     compared = record["comparison"]
-    against = (f"against champion v{compared['champion_version']} on {compared['n']} test records "
-               f"unseen by both (record set `{compared['record_set']}`)" if compared else "no champion yet")
+    against = (f" (against champion v{compared['champion_version']} on {compared['n']} test records "
+               f"unseen by both, record set `{compared['record_set']}`)" if compared else "")
     datasets = ", ".join(f"{role.replace('_', ' ')} `{tags[tag]}`" for role, tag in DATASET_TAGS.items()
                          if tags.get(tag, NONE) != NONE)
     history = registry.history_experiment_id(name)
     return "\n\n".join([
-        f"**Gate: {record['decision']}** ({against}): {record['reason']}",
+        f"**Gate: {record['decision']}**{against}: {record['reason']}",
         f"Test split ({evaluation.split}), {evaluation.candidate.fps:.1f} frames/s:\n\n"
         + metrics_table(evaluation.candidate.table),
         f"Data (DVC): {datasets}. Code `{tags[TAG_GIT_COMMIT]}`"
@@ -140,7 +140,8 @@ def version_description(params: Params, evaluation: Evaluation, record: dict, ta
     ])
 
 
-def pipeline_summary(params: Params, outcome: RegisterOutcome, evaluation: Evaluation) -> dict:
+def pipeline_summary(params: Params, outcome: RegisterOutcome, evaluation: Evaluation,
+                     lineage: dict[str, str]) -> dict:
     """What the pipeline's parent run shows: name, description, key params, per-type metrics."""
     from lesionflow.tracking import dataset_label
 
@@ -160,4 +161,5 @@ def pipeline_summary(params: Params, outcome: RegisterOutcome, evaluation: Evalu
         ]),
         "key_params": key_params(params),
         "metrics": {**metrics, "fps": evaluation.candidate.fps, "promoted": float(outcome.promoted)},
+        "datasets": {role: lineage[tag] for role, tag in DATASET_TAGS.items() if lineage.get(tag, NONE) != NONE},
     }
