@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lesionflow-model-bench")
     ap.add_argument("--set", action="append", default=[], help="extra key=value overrides, all arms")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="save each trained arm's weights here, to score the chosen one on test later")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     extra = args.set + ([f"train.epochs={args.epochs}"] if args.epochs else [])
@@ -142,6 +144,9 @@ def main() -> None:
                                                   f"{r['val_dice']:.3f} ({r['seconds'] / 60:.1f} min)"))
             row.update({"epochs": fitted.epochs_run, "minutes": fitted.seconds / 60,
                         "val Dice": score_model(model, kvasir, val, params.evaluate.threshold).overall("dice")})
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                model.save(args.save / f"{arm.split()[0]}-seed{params.seed}.pt")
         if args.test:
             row["test Dice"] = score_model(model, kvasir, test, params.evaluate.threshold).overall("dice")
             row["ClinicDB Dice"] = score_model(model, clinic, labelled(read_manifest(clinic), "test"),
