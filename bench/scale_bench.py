@@ -148,7 +148,7 @@ def dvc_round_trip(dataset: Path, ws: Path, url: str, endpoint: str) -> dict:
 
 
 def stream_rate(source, records, model, workers: int = 2, batch: int = 32) -> float:
-    stream = ShardStream(source, records, model, shuffle_buffer=256)
+    stream = ShardStream(source, records, model, shuffle_buffer=256, batch_size=batch, num_workers=workers)
     loader = DataLoader(stream, batch_size=batch, num_workers=workers)
     start, n = time.perf_counter(), 0
     for image, _, _ in loader:

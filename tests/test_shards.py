@@ -25,7 +25,7 @@ from lesionflow.data.shards import (
     unshard,
     write_shards,
 )
-from lesionflow.errors import ShardError
+from lesionflow.errors import DatasetVersionError, ShardError
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet
 from lesionflow.training import SegmentationDataset, labelled, reseed_worker
@@ -84,7 +84,8 @@ def test_stream_gives_each_sample_once_from_each_workers_own_shards(files_datase
     records = labelled(read_manifest(files_dataset), "train")
     weights = [float(i) for i in range(len(records))]  # a weight names its record
     reference = SegmentationDataset(files_dataset, records, model, sample_weights=weights)
-    stream = ShardStream(LocalShards(sharded), records, model, sample_weights=weights, shuffle_buffer=8)
+    stream = ShardStream(LocalShards(sharded), records, model, sample_weights=weights, shuffle_buffer=8,
+                         num_workers=2)
     assert len(stream) == len(records)
 
     orders = []
@@ -99,7 +100,7 @@ def test_stream_gives_each_sample_once_from_each_workers_own_shards(files_datase
         orders.append(order)
         # DataLoader takes samples from its workers in turn: while both have samples, position k
         # came from worker k % 2, so the record there must lie in that worker's shards
-        owner = {i: w for w in (0, 1) for s in stream.worker_shards(w, 2) for i in s.ids}
+        owner = {i: w for w in (0, 1) for s in stream.worker_shards(w) for i in s.ids}
         per_worker = Counter(owner[records[i].id] for i in order)
         assert len(per_worker) == 2
         turns = 2 * min(per_worker.values())
@@ -107,21 +108,29 @@ def test_stream_gives_each_sample_once_from_each_workers_own_shards(files_datase
     assert orders[0] != orders[1]  # shard order and shuffle buffer change with the epoch
 
 
-def test_ranks_read_disjoint_shards_and_equal_counts(files_dataset, sharded, model):
+def test_ranks_read_disjoint_shards_and_run_equal_whole_batches(files_dataset, sharded, model):
     records = labelled(read_manifest(files_dataset), "train")
     weights = [float(i) for i in range(len(records))]
-    streams = [ShardStream(LocalShards(sharded), records, model, sample_weights=weights, rank=r,
-                           world_size=2) for r in (0, 1)]
-    seen = [[int(w) for _, _, w in DataLoader(s, batch_size=None, num_workers=2)] for s in streams]
+    streams = [ShardStream(LocalShards(sharded), records, model, sample_weights=weights, batch_size=4,
+                           num_workers=2, rank=r, world_size=2) for r in (0, 1)]
+    # as training.fit loads it: batches made inside each worker, the last partial one dropped
+    batches = [list(DataLoader(s, batch_size=4, num_workers=2, drop_last=True)) for s in streams]
+    assert len(streams[0]) == len(streams[1]) > 0 and len(streams[0]) % 4 == 0
+    for stream, got in zip(streams, batches):  # the steps len() promises, every batch whole
+        assert len(got) == len(stream) // 4 and all(len(w) == 4 for _, _, w in got)
+    seen = [[int(x) for _, _, w in got for x in w] for got in batches]
     names = [{s.name for s in stream.rank_shards(r)} for r, stream in enumerate(streams)]
-    assert not names[0] & names[1]
-    assert len(seen[0]) == len(seen[1]) == len(streams[0]) == len(streams[1])  # same steps per rank
-    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == len(seen[0])
-    # only the larger rank's excess is left out
-    assert len(seen[0]) + len(seen[1]) >= len(records) - max(len(s.ids) for s in read_index(sharded))
+    assert not names[0] & names[1] and names[0] | names[1] == {s.name for s in streams[0].shards}
+    assert not set(seen[0]) & set(seen[1]) and all(len(set(s)) == len(s) for s in seen)
+    # what is left out: the larger rank's excess and less than a batch per worker
+    assert len(seen[0]) + len(seen[1]) >= len(records) - max(len(s.ids) for s in read_index(sharded)) - 2 * 2 * 3
 
     with pytest.raises(ShardError, match="fewer than the 99 ranks"):
         ShardStream(LocalShards(sharded), records, model, rank=0, world_size=99)
+    with pytest.raises(ShardError, match="whole batch of 1000"):
+        ShardStream(LocalShards(sharded), records, model, batch_size=1000)
+    with pytest.raises(ShardError, match="made for 1 DataLoader worker"):
+        list(DataLoader(ShardStream(LocalShards(sharded), records, model), num_workers=2))
 
 
 def test_sharded_version_on_s3_streams_without_a_local_copy(files_dataset, sharded, model, s3_server,
@@ -140,7 +149,7 @@ def test_sharded_version_on_s3_streams_without_a_local_copy(files_dataset, shard
     source = RemoteShards(version.md5, remote=remote, endpoint_url=s3_server)
     assert source.records() == read_manifest(files_dataset)
     reference = SegmentationDataset(files_dataset, records, model, sample_weights=weights)
-    stream = ShardStream(source, records, model, sample_weights=weights, shuffle_buffer=4)
+    stream = ShardStream(source, records, model, sample_weights=weights, shuffle_buffer=4, num_workers=2)
     got = list(DataLoader(stream, batch_size=None, num_workers=2))
     assert sorted(int(w) for _, _, w in got) == list(range(len(records)))
     for image, target, w in got:
@@ -179,9 +188,7 @@ def test_bad_inputs_are_named(files_dataset, sharded, model, tmp_path):
 
     with pytest.raises(ShardError, match=f"no {SHARD_INDEX}"):
         LocalShards(files_dataset)
-    remote = tmp_path / "remote"
-    version = version_dataset(files_dataset, remote=str(remote))
-    with pytest.raises(ShardError, match="stored as files, not shards"):
-        RemoteShards(version.md5, remote=str(remote))
+    with pytest.raises(DatasetVersionError, match="is not on remote"):
+        RemoteShards("0123456789abcdef0123456789abcdef.dir", remote=str(tmp_path))
     with pytest.raises(ShardError, match="shard_mb must be positive"):
         write_shards(files_dataset, tmp_path / "zero", 0)

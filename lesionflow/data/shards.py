@@ -188,21 +188,25 @@ class ShardStream(IterableDataset):
     gives them, streamed from shards.
 
     Shards holding any of ``records`` go round-robin to the DDP ranks (``torch.distributed`` if
-    initialised, or ``rank``/``world_size``), then to the rank's DataLoader workers: each worker
-    reads only its own shards, in an order shuffled each epoch, through a ``shuffle_buffer`` of
-    samples. Ranks must run the same number of steps, so each yields ``len(self)`` samples: the
-    smallest rank's count (the others leave their excess out, a different part each epoch).
+    initialised, or ``rank``/``world_size``), then to the rank's ``num_workers`` DataLoader workers
+    (0: in-process): each worker reads only its own shards, in an order shuffled each epoch,
+    through a ``shuffle_buffer`` of samples. A DataLoader batches within each worker, and ranks
+    must run the same number of steps: so every worker yields whole batches of ``batch_size``, and
+    every rank ``len(self)`` samples, the smallest rank's number of whole batches (the excess, a
+    different part each epoch, is left out).
     """
 
     def __init__(self, source: ShardSource, records: list[Record], model: Segmenter,
                  augment: Strength = "none", seed: int = 0, sample_weights: list[float] | None = None,
-                 shuffle_buffer: int = 256, rank: int | None = None, world_size: int | None = None):
+                 shuffle_buffer: int = 256, batch_size: int = 1, num_workers: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
         if not records:
             raise ValueError("no labelled records to train or validate on")
         # only the input conventions: workers need no copy of the weights
         self.source, self.size, self.channels = source, model.image_size, model.in_channels
         self.weights = dict(zip((r.id for r in records), sample_weights or [1.0] * len(records)))
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
+        self.batch_size, self.workers = batch_size, max(num_workers, 1)
         self.augmenter = Augmenter(augment, seed)  # reseeded per worker by training.reseed_worker
         self.shards = [s for s in source.index() if not self.weights.keys().isdisjoint(s.ids)]
         missing = len(self.weights) - sum(self._count(s) for s in self.shards)
@@ -215,6 +219,9 @@ class ShardStream(IterableDataset):
             raise ShardError(f"{len(self.shards)} shard(s) hold these records, fewer than the "
                              f"{self.world_size} ranks that should each read their own: lower "
                              "ingest.shard_mb and ingest again")
+        if len(self) == 0:
+            raise ShardError(f"no worker's shards hold a whole batch of {batch_size}: lower the batch "
+                             "size, the number of workers, or ingest.shard_mb")
 
     def _count(self, shard: ShardInfo) -> int:
         return sum(i in self.weights for i in shard.ids)
@@ -222,32 +229,39 @@ class ShardStream(IterableDataset):
     def rank_shards(self, rank: int) -> list[ShardInfo]:
         return self.shards[rank::self.world_size]
 
-    def worker_shards(self, worker: int, workers: int) -> list[ShardInfo]:
-        """This rank's shards that DataLoader worker ``worker`` of ``workers`` reads."""
-        return self.rank_shards(self.rank)[worker::workers]
+    def worker_shards(self, worker: int, rank: int | None = None) -> list[ShardInfo]:
+        """The shards DataLoader worker ``worker`` of ``rank`` (this one by default) reads."""
+        return self.rank_shards(self.rank if rank is None else rank)[worker::self.workers]
+
+    def _whole_batches(self, rank: int) -> list[int]:
+        return [sum(map(self._count, self.worker_shards(w, rank))) // self.batch_size
+                for w in range(self.workers)]
 
     def __len__(self) -> int:
-        return min(sum(map(self._count, self.rank_shards(r))) for r in range(self.world_size))
+        return self.batch_size * min(sum(self._whole_batches(r)) for r in range(self.world_size))
 
-    def _quota(self, worker: int, workers: int) -> int:
-        """This worker's part of ``len(self)``, in proportion to what its shards hold."""
-        counts = [sum(map(self._count, self.worker_shards(w, workers))) for w in range(workers)]
-        total, keep = sum(counts), len(self)
-        quotas = [c * keep // total for c in counts]
-        for w in range(workers):  # the rounding remainder, to workers that have samples left
-            extra = min(keep - sum(quotas), counts[w] - quotas[w])
-            quotas[w] += extra
-        return quotas[worker]
+    def _quota(self, worker: int) -> int:
+        """This worker's samples: its part of ``len(self)`` in whole batches, in proportion to
+        the whole batches its shards hold."""
+        caps = self._whole_batches(self.rank)
+        keep = len(self) // self.batch_size
+        quotas = [c * keep // sum(caps) for c in caps]
+        for w in range(self.workers):  # the rounding remainder, to workers that have batches left
+            quotas[w] += min(keep - sum(quotas), caps[w] - quotas[w])
+        return quotas[worker] * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.workers:
+            raise ShardError(f"this ShardStream was made for {self.workers} DataLoader worker(s), "
+                             f"not {workers}: pass the loader's num_workers to it")
         # a worker's seed differs per worker and per epoch; in-process, count the epochs
         seed = info.seed if info else hash((self.seed, self.epoch)) % 2**32
         self.epoch += 1
         rng = np.random.default_rng(seed)
-        shards = self.worker_shards(worker, workers)
-        quota = self._quota(worker, workers)
+        shards = self.worker_shards(worker)
+        quota = self._quota(worker)
         if quota == 0:
             return
         buffer: list[tuple[Record, dict[str, bytes]]] = []
