@@ -79,12 +79,18 @@ def segmenter(seed: int) -> Segmenter:
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """(root, CLI overrides, params): model "reviewed" v1 is champion in a SQLite store."""
+def review_store() -> list[str]:
+    """Where MLflow and DVC live, as overrides: none, the SQLite store and DVC remote under the
+    workdir. A module that needs a tracking server and an S3 remote overrides this fixture."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, review_store):
+    """(root, CLI overrides, params): model "reviewed" v1 is champion in ``review_store``."""
     root = tmp_path_factory.mktemp("review")
-    overrides = [f"runtime.workdir={root}", f"runtime.mlflow_tracking_uri=sqlite:///{root / 'mlflow.db'}",
-                 "runtime.model_name=reviewed", "serve.follow_seconds=null", "serve.keep_images=true",
-                 f"serve.log_max_bytes={MAX_BYTES}"]
+    overrides = [f"runtime.workdir={root}", *review_store, "runtime.model_name=reviewed",
+                 "serve.follow_seconds=null", "serve.keep_images=true", f"serve.log_max_bytes={MAX_BYTES}"]
     params = config.load(REPO / "params.yaml", overrides)
     old_uri = mlflow.get_tracking_uri()
     tracking.connect(params)
