@@ -192,3 +192,26 @@ def test_bad_inputs_are_named(files_dataset, sharded, model, tmp_path):
         RemoteShards("0123456789abcdef0123456789abcdef.dir", remote=str(tmp_path))
     with pytest.raises(ShardError, match="shard_mb must be positive"):
         write_shards(files_dataset, tmp_path / "zero", 0)
+
+
+def test_ingest_step_with_layout_shards_versions_shards(tmp_path):
+    """``ingest.layout: shards``: the step's dataset stays files, its DVC version holds shards, and
+    restoring that version gives the step's dataset back."""
+    import mlflow
+
+    from lesionflow import tracking
+    from lesionflow.config import Params
+    from lesionflow.steps import ingest as ingest_step
+
+    params = (Params().with_section("runtime", workdir=str(tmp_path / "work"))
+              .with_section("synthetic", n_images=12, n_videos=0, n_weak=0, size=48)
+              .with_section("ingest", layout="shards", shard_mb=0.01))
+    tracking.connect(params)
+    with mlflow.start_run():
+        outcome = ingest_step.run(params, tmp_path / "dataset")
+    index = RemoteShards(outcome.version.md5, remote=params.runtime.remote()).index()  # a folder remote
+    top_level = [p for p in (tmp_path / "dataset").iterdir() if p.is_file()]  # manifest, fingerprint, report
+    assert len(index) >= 3 and outcome.version.n_files == len(index) + len(top_level) + 1  # + shards.jsonl
+    assert (tmp_path / "dataset" / "images").is_dir()  # what the next steps read
+    restored = restore_dataset(outcome.version.md5, tmp_path / "files", remote=params.runtime.remote())
+    assert contents(restored) == contents(tmp_path / "dataset")
