@@ -186,6 +186,24 @@ def test_bad_inputs_are_named(files_dataset, sharded, model, tmp_path):
         unshard(broken, tmp_path / "unbroken")
     assert not (tmp_path / "unbroken").exists()
 
+    # a truncated shard, one that is no tar at all, an index that promises more than a shard holds
+    shard.write_bytes((sharded / SHARDS / shard.name).read_bytes()[:-4096])
+    with pytest.raises(ShardError, match="not a readable WebDataset tar: unexpected end of data"):
+        unshard(broken, tmp_path / "unbroken")
+    shard.write_bytes(b"not a tar" * 200)
+    with pytest.raises(ShardError, match="not a readable WebDataset tar"):
+        unshard(broken, tmp_path / "unbroken")
+    shard.write_bytes((sharded / SHARDS / shard.name).read_bytes())
+    index = read_index(broken)
+    index[0].ids.append("zzz_not_there")
+    (broken / SHARD_INDEX).write_text("".join(s.model_dump_json() + "\n" for s in index))
+    with pytest.raises(ShardError, match="holds .* samples, shards.jsonl says"):
+        unshard(broken, tmp_path / "unbroken")
+    assert not (tmp_path / "unbroken").exists()
+
+    weak = [r for r in read_manifest(files_dataset) if r.mask is None]
+    with pytest.raises(ShardError, match=f"have no mask to train on, e.g. {weak[0].id}"):
+        ShardStream(LocalShards(sharded), weak, model)
     with pytest.raises(ShardError, match=f"no {SHARD_INDEX}"):
         LocalShards(files_dataset)
     with pytest.raises(DatasetVersionError, match="is not on remote"):

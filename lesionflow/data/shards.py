@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -208,6 +209,10 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
         self.batch_size, self.workers = batch_size, max(num_workers, 1)
         self.augmenter = Augmenter(augment, seed)  # reseeded per worker by training.reseed_worker
+        unlabelled = [r.id for r in records if r.mask is None]
+        if unlabelled:
+            raise ShardError(f"{len(unlabelled)} record(s) have no mask to train on, e.g. {unlabelled[0]} "
+                             "(select them with training.labelled)")
         self.shards = [s for s in source.index() if not self.weights.keys().isdisjoint(s.ids)]
         missing = len(self.weights) - sum(self._count(s) for s in self.shards)
         if missing:
@@ -300,7 +305,10 @@ def _samples(source: ShardSource, shard: ShardInfo) -> Iterator[tuple[Record, di
     file checked against the sha256 its record carries."""
     with source.open(shard) as stream:
         samples = group_by_keys(tar_file_expander([{"url": shard.name, "stream": stream}]))
-        for n, sample in enumerate(samples):
+        n = -1
+        for n, sample in enumerate(_named_tar_errors(samples, shard)):
+            if "json" not in sample:
+                raise ShardError(f"sample {n} of shard {shard.name} has no record (.json)")
             record = Record.model_validate_json(sample["json"])
             if n >= len(shard.ids) or record.id != shard.ids[n]:
                 raise ShardError(f"shard {shard.name} does not match {SHARD_INDEX}: sample {n} is "
@@ -314,6 +322,16 @@ def _samples(source: ShardSource, shard: ShardInfo) -> Iterator[tuple[Record, di
                 if data is not None:
                     files[role] = data
             yield record, files
+        if n + 1 != len(shard.ids):
+            raise ShardError(f"shard {shard.name} holds {n + 1} samples, {SHARD_INDEX} says {len(shard.ids)}")
+
+
+def _named_tar_errors(samples: Iterator[dict], shard: ShardInfo) -> Iterator[dict]:
+    try:
+        yield from samples
+    except (tarfile.TarError, KeyError, ValueError) as err:  # what a damaged tar raises in webdataset
+        reason = err.args[0] if err.args else err  # webdataset appends the stream and url
+        raise ShardError(f"shard {shard.name} is not a readable WebDataset tar: {reason}") from None
 
 
 def _write_shard(folder: Path, split: str, chunk: list[tuple[Record, dict[str, bytes]]]) -> ShardInfo:
