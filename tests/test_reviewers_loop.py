@@ -27,13 +27,14 @@ import requests
 from label_studio_converter import brush
 from PIL import Image
 
-from lesionflow import corrections, tracking
+from lesionflow import corrections, retrain, tracking
 from lesionflow.data.manifest import read_manifest
 from tests.conftest import REPO
 from tests.test_review import logged, noise, png, registered, server  # noqa: F401  (fixtures)
 from tests.test_submit import FakeKFP, kfp_host  # noqa: F401  (fixture: the KFP REST stand-in)
 
-SENT = {300: "polyp", 301: "polyp", 302: None, 303: "polyp", 304: None}  # seed → lesion type
+# seed → the lesion type the client names: any 3 of the 4 hold one of each kind
+SENT = {300: "polyp", 301: None, 302: "polyp", 303: None}
 K = 3  # images in the review batch
 
 
@@ -94,20 +95,23 @@ def test_served_predictions_reviewed_in_label_studio_start_a_retrain(server, reg
     tasks = json.loads((ls / "tasks.json").read_text())
     assert [t["data"]["lesionflow_id"] for t in tasks] == [i["id"] for i in batch["items"]]
 
-    # 4. the reviewers in Label Studio: ann paints a square onto the first mask, user 4 erases
-    # the second, nobody opens the third; then Export → JSON into the same folder
+    # 4. the reviewers in Label Studio: ann paints a square onto a polyp's mask, user 4 erases
+    # the mask of an image sent without a lesion type, nobody opens the third; then Export →
+    # JSON into the same folder
+    typed = next(t for t in tasks if t["data"]["lesion_type"] == "polyp")
+    untyped = next(t for t in tasks if t["data"]["lesion_type"] is None)
     shape = noise(0).shape[:2]
-    first = tasks[0]["predictions"][0]["result"][0]  # an annotation starts as a copy of the prediction
-    assert first["value"]["brushlabels"] == [batch["items"][0]["lesion_type"] or "lesion"]
+    first = typed["predictions"][0]["result"][0]  # an annotation starts as a copy of the prediction
+    assert first["value"]["brushlabels"] == ["polyp"]
     painted = brush.decode_rle(bytes(first["value"]["rle"])).reshape(*shape, 4)[:, :, 3] > 127
-    edited = {tasks[0]["data"]["lesionflow_id"]: painted | square(shape, 30, 40, 12),
-              tasks[1]["data"]["lesionflow_id"]: np.zeros(shape, bool)}
+    edited = {typed["data"]["lesionflow_id"]: painted | square(shape, 30, 40, 12),
+              untyped["data"]["lesionflow_id"]: np.zeros(shape, bool)}
     stroke = copy.deepcopy(first)
-    stroke["value"]["rle"] = brush.mask2rle(edited[tasks[0]["data"]["lesionflow_id"]].astype(np.uint8) * 255)
-    tasks[0]["annotations"] = [{"id": 11, "completed_by": {"id": 3, "email": "ann@example.org"},
-                                "was_cancelled": False, "updated_at": "2026-11-29T16:00:00Z", "result": [stroke]}]
-    tasks[1]["annotations"] = [{"id": 12, "completed_by": 4, "was_cancelled": False,
-                                "updated_at": "2026-11-29T16:01:00Z", "result": []}]
+    stroke["value"]["rle"] = brush.mask2rle(edited[typed["data"]["lesionflow_id"]].astype(np.uint8) * 255)
+    typed["annotations"] = [{"id": 11, "completed_by": {"id": 3, "email": "ann@example.org"},
+                             "was_cancelled": False, "updated_at": "2026-11-29T16:00:00Z", "result": [stroke]}]
+    untyped["annotations"] = [{"id": 12, "completed_by": 4, "was_cancelled": False,
+                               "updated_at": "2026-11-29T16:01:00Z", "result": []}]
     for n, task in enumerate(tasks, 1):
         task["id"] = n
     (ls / "project-1-at-2026-11-29-16-05.json").write_text(json.dumps(tasks))
@@ -121,8 +125,8 @@ def test_served_predictions_reviewed_in_label_studio_start_a_retrain(server, reg
     restored = corrections.restore(params, version.md5, tmp_path / "restored")
     stored = {r.id.removeprefix(corrections.ID_PREFIX): r for r in read_manifest(restored)}
     assert set(stored) == set(edited)
-    reviewers = {tasks[0]["data"]["lesionflow_id"]: "reviewer:ann@example.org",
-                 tasks[1]["data"]["lesionflow_id"]: "reviewer:label-studio-user-4"}
+    reviewers = {typed["data"]["lesionflow_id"]: "reviewer:ann@example.org",
+                 untyped["data"]["lesionflow_id"]: "reviewer:label-studio-user-4"}
     items = {i["id"]: i for i in batch["items"]}
     for item_id, record in stored.items():
         seed, answer = answers[items[item_id]["source"].removeprefix("prediction:")]
@@ -132,11 +136,11 @@ def test_served_predictions_reviewed_in_label_studio_start_a_retrain(server, reg
         assert record.corrected_from == answer["version"] == "1"
         assert record.lesion_type == (SENT[seed] or params.ingest.default_lesion_type)
 
-    # 6. the schedule's tick: below the threshold nothing is sent; at it, a KFP run on exactly
+    # 6. the schedule's tick: one correction short of the threshold it waits (the decision
+    # `retrain` prints, taken in-process: a CLI start costs ~7 s); at it, a KFP run on exactly
     # this corrections version
-    out = cli("retrain", "--min-corrections", "3", "--host", kfp_host)
-    assert "retrain: nothing to do: 2 new correction(s) since the last attempt v1; need at least 3" in out
-    assert not [r for r in FakeKFP.requests if r[0] == "POST"]
+    waits = retrain.decide(params, 3)
+    assert (waits.start, waits.new_corrections, waits.corrections_md5) == (False, 2, version.md5)
     out = cli("retrain", "--min-corrections", "2", "--host", kfp_host)
     assert "retrain: starting: 2 new correction(s) since the last attempt v1" in out
     assert f"submitted run run-42 to {kfp_host}" in out
