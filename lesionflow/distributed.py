@@ -145,9 +145,11 @@ def from_main(value: T) -> T:
     return box[0]
 
 
-def run_worker(params, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run_worker(params, dataset_dir: Path, out_dir: Path, train_shards=None) -> dict[str, Any]:
     """Train what the meta_train step trains (``steps.meta_train.run``: meta or plain, per
-    ``meta_train.enabled``) on a canonical dataset dir, one rank of a torchrun job (or alone).
+    ``meta_train.enabled``) on a canonical dataset dir, one rank of a torchrun job (or alone);
+    plain training streams the train split from ``train_shards`` (a ``data.shards.ShardSource``)
+    when given.
 
     Rank 0 writes the model (``models.store.save_model``) and the training records to
     ``out_dir``, plus ``result.json``: what was trained, the world size, wall seconds and the
@@ -168,7 +170,7 @@ def run_worker(params, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
             target = out_dir if is_main() else Path(scratch) / "model"
             with _tracking(Path(scratch)) as run:
                 start = time.monotonic()
-                step.run(params, dataset_dir, target)
+                step.run(params, dataset_dir, target, train_shards)
                 seconds = time.monotonic() - start
                 metrics = _final_metrics(run.info.run_id)
         result = {"training": "meta" if params.meta_train.enabled else "plain",

@@ -14,7 +14,8 @@ With ``cluster.train.num_nodes`` > 1 the meta_train step does not train in its o
 4. downloads the model rank 0 left under ``<output_prefix>/<job>/`` into its own output and removes
    it from S3, so evaluate and register see exactly what in-pod training would have written.
 
-Each worker process (``work``) restores the dataset version from the remote, trains with
+Each worker process (``work``) restores the dataset version from the remote (a sharded one
+trained plainly: only its val split, the train split is streamed), trains with
 ``lesionflow.distributed.run_worker`` (rank 0 logging to a child run of the step's MLflow run)
 and, on rank 0, uploads the model. The body is built from the
 ``kubeflow-trainer-api`` models (the Trainer project's own generated types), not hand-written dicts.
@@ -371,24 +372,36 @@ def work(params: Params, dataset_md5: str, output: str, *, scratch: Path | None 
     """One torchrun worker process: the dataset version restored once per pod (the node's other
     local ranks wait on a file lock and reuse it), ``lesionflow.distributed.run_worker`` (which logs
     from rank 0 to ``MLFLOW_RUN_ID``, the step's child run), and on rank 0 the model (with the
-    worker's ``result.json``) uploaded to ``output``."""
+    worker's ``result.json``) uploaded to ``output``.
+
+    A version stored as shards (``ingest.layout: shards``) trained plainly is not restored whole:
+    only its top-level files and val split come to disk, and each rank streams its own train
+    shards from the remote (``data.shards.RemoteShards``)."""
+    from lesionflow.data.shards import SHARD_INDEX, RemoteShards
     from lesionflow.distributed import run_worker
-    from lesionflow.versioning import restore_dataset
+    from lesionflow.versioning import remote_listing, restore_dataset
 
     rank = int(os.environ.get("RANK", "0"))
     scratch = Path(scratch or Path(tempfile.gettempdir()) / "lesionflow-train-worker")
     scratch.mkdir(parents=True, exist_ok=True)
-    dataset = scratch / dataset_md5.removesuffix(".dir")  # a version's content never changes
+    remote, endpoint = params.runtime.remote(), params.runtime.s3_endpoint_url
+    # meta-training draws its task pools by index over the whole train split: it needs every file
+    stream = (not params.meta_train.enabled
+              and SHARD_INDEX in remote_listing(dataset_md5, remote=remote, endpoint_url=endpoint))
+    train_shards = RemoteShards(dataset_md5, remote=remote, endpoint_url=endpoint) if stream else None
+    # a version's content never changes, so the folder is reused by the node's other ranks
+    dataset = scratch / (dataset_md5.removesuffix(".dir") + ("-val" if stream else ""))
     with open(scratch / ".restore.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not dataset.exists():  # restore_dataset moves the finished copy into place at once
-            restore_dataset(dataset_md5, dataset, remote=params.runtime.remote(),
-                            endpoint_url=params.runtime.s3_endpoint_url,
+        if stream and not dataset.exists():  # both move the finished copy into place at once
+            train_shards.fetch(dataset, splits=("val",))
+        elif not dataset.exists():
+            restore_dataset(dataset_md5, dataset, remote=remote, endpoint_url=endpoint,
                             retry_seconds=params.runtime.service_wait_seconds)
     # in here the meta_train step's code trains in-process: it must not start another TrainJob
     here = params.with_section("cluster", train=params.cluster.train.model_copy(update={"num_nodes": 1}))
     with tempfile.TemporaryDirectory(prefix=f"model-rank{rank}-", dir=scratch) as out:
-        run_worker(here, dataset, Path(out))
+        run_worker(here, dataset, Path(out), train_shards)
         if rank == 0:
             n = upload_model(Path(out), output, params.runtime.s3_endpoint_url)
             print(json.dumps({"uploaded": n, "to": output}))

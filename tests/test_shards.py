@@ -233,3 +233,62 @@ def test_ingest_step_with_layout_shards_versions_shards(tmp_path):
     assert (tmp_path / "dataset" / "images").is_dir()  # what the next steps read
     restored = restore_dataset(outcome.version.md5, tmp_path / "files", remote=params.runtime.remote())
     assert contents(restored) == contents(tmp_path / "dataset")
+
+
+def _files_under(root: Path) -> set[str]:
+    import hashlib
+
+    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_trainjob_worker_streams_a_sharded_version_and_keeps_only_val_on_disk(
+        files_dataset, sharded, s3_server, s3_bucket, tmp_path, monkeypatch, nproc):
+    """``lesionflow train-worker`` on a sharded version (plain training): it trains and uploads a
+    model while no train image ever reaches the worker's disk — only the manifest, fingerprint and
+    val split do — alone in-process, and as 2 torchrun ranks, each streaming its own shards."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from lesionflow import config, trainjob
+    from lesionflow.distributed import RESULT_FILE
+    from lesionflow.models.store import load_model
+    from tests.conftest import free_port
+
+    remote = f"s3://{s3_bucket}/datasets"
+    md5 = version_dataset(sharded, remote=remote, endpoint_url=s3_server).md5
+    params = config.load(None, [
+        f"runtime.dvc_remote={remote}", f"runtime.s3_endpoint_url={s3_server}", "train.image_size=32",
+        "train.batch_size=4", "train.epochs=1", "train.device=cpu", "model.base_channels=4",
+        "model.depth=2", "meta_train.enabled=false"])
+    output, scratch, tmp = f"s3://{s3_bucket}/out", tmp_path / "scratch", tmp_path / "tmp"
+    tmp.mkdir()
+    if nproc == 1:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        trainjob.work(params, md5, output, scratch=scratch)
+    else:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+        worker = subprocess.run(
+            ["torchrun", "--nproc_per_node=2", f"--master_port={free_port()}", "--no-python", "lesionflow",
+             "train-worker", "--params-json", params.model_dump_json(), "--dataset-md5", md5,
+             "--output", output, "--scratch", str(scratch)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert worker.returncode == 0, worker.stderr[-5000:]
+
+    trainjob.download_model(output, tmp_path / "model", s3_server, remove=False)
+    assert load_model(tmp_path / "model")(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    result = json.loads((tmp_path / "model" / RESULT_FILE).read_text())
+    assert (result["training"], result["world_size"]) == ("plain", nproc) and "train_loss" in result["metrics"]
+
+    records = read_manifest(files_dataset)
+    on_disk = _files_under(scratch) | _files_under(tmp)
+    train_images = {r.image_sha256 for r in labelled(records, "train")}
+    val_images = {r.image_sha256 for r in labelled(records, "val")}
+    assert val_images <= on_disk, "the val split is not on the worker's disk"
+    assert not train_images & on_disk, "train images reached the worker's disk"
+    assert sorted(p.name for p in scratch.iterdir() if not p.name.startswith(".")) == [
+        md5.removesuffix(".dir") + "-val"]

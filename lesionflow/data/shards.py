@@ -111,13 +111,18 @@ def unshard(sharded_dir: Path, out_dir: Path) -> Path:
     source = LocalShards(sharded_dir)
     with staged_dataset(out_dir) as tmp:
         _copy_extras(sharded_dir, tmp)
-        for shard in source.index():
-            for record, files in _samples(source, shard):
-                for rel, data in ((record.image, files["image"]), (record.mask, files.get("mask"))):
-                    if rel:
-                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                        (tmp / rel).write_bytes(data)
+        _unpack(source, source.index(), tmp)
     return out_dir
+
+
+def _unpack(source: ShardSource, shards: list[ShardInfo], out: Path) -> None:
+    """The images and masks of ``shards`` written into ``out`` at their records' paths."""
+    for shard in shards:
+        for record, files in _samples(source, shard):
+            for rel, data in ((record.image, files["image"]), (record.mask, files.get("mask"))):
+                if rel:
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (out / rel).write_bytes(data)
 
 
 class ShardSource(Protocol):
@@ -182,6 +187,18 @@ class RemoteShards:
     def records(self) -> list[Record]:
         lines = self._read(MANIFEST).decode().splitlines()
         return [Record.model_validate_json(line) for line in lines if line]
+
+    def fetch(self, out_dir: Path, splits: tuple[str, ...]) -> Path:
+        """The version in the files layout at ``out_dir`` (written fresh, all or nothing), but with
+        the images and masks of ``splits`` only: what a trainer streaming the other splits needs
+        on disk (manifest, fingerprint, reports, and the validation split it reads every epoch)."""
+        with staged_dataset(Path(out_dir)) as tmp:
+            for relpath in self.objects:
+                if relpath != SHARD_INDEX and not relpath.startswith(f"{SHARDS}/"):
+                    (tmp / relpath).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / relpath).write_bytes(self._read(relpath))
+            _unpack(self, [s for s in self.index() if s.split in splits], tmp)
+        return Path(out_dir)
 
 
 class ShardStream(IterableDataset):

@@ -17,6 +17,7 @@ import mlflow
 
 from lesionflow.config import Params
 from lesionflow.data.manifest import TRUSTED_KINDS, Record, read_manifest
+from lesionflow.data.shards import ShardSource
 from lesionflow.errors import ConfigError, EmptySplitError
 from lesionflow.lineage import RECORDS_FILE
 from lesionflow.losses import dice_bce_loss
@@ -125,7 +126,10 @@ def write_training_records(out_dir: Path, records: list[Record]) -> None:
     (out_dir / RECORDS_FILE).write_text(json.dumps(rows, indent=0, sort_keys=True))
 
 
-def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
+def run(params: Params, dataset_dir: Path, out_dir: Path,
+        train_shards: ShardSource | None = None) -> MetaTrainOutcome:
+    """``train_shards``: plain training streams the train split from them (``steps.train.train``);
+    meta-training draws task pools by index, so its caller must not pass them."""
     mcfg = params.meta_train
     mlflow.log_params({f"meta_train.{k}": v for k, v in mcfg.model_dump().items()})
     seed_everything(params.seed, params.train.deterministic)
@@ -138,7 +142,7 @@ def run(params: Params, dataset_dir: Path, out_dir: Path) -> MetaTrainOutcome:
     if params.cluster.train.num_nodes > 1:
         return train_on_cluster(params, dataset_dir, out_dir)
     if not mcfg.enabled:
-        train(params, dataset_dir, out_dir)
+        train(params, dataset_dir, out_dir, train_shards)
         return MetaTrainOutcome({}, {})
     mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
     mlflow.log_metrics({"n_good": sum(not is_bad(r) for r in records),

@@ -9,6 +9,7 @@ import mlflow
 from lesionflow import registry
 from lesionflow.config import Params
 from lesionflow.data.manifest import read_fingerprint, read_manifest
+from lesionflow.data.shards import ShardSource, ShardStream
 from lesionflow.errors import EmptySplitError, WarmStartError
 from lesionflow.meta import sample_weights
 from lesionflow.models import build_model
@@ -142,8 +143,13 @@ def learning_curves(result: FitResult):
     return fig
 
 
-def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
-    """Fit on ``train``, select on ``val``, save the model to ``out_dir``; log to the active run."""
+def train(params: Params, dataset_dir: Path, out_dir: Path,
+          train_shards: ShardSource | None = None) -> FitResult:
+    """Fit on ``train``, select on ``val``, save the model to ``out_dir``; log to the active run.
+
+    With ``train_shards`` the train split is streamed from them (``data.shards.ShardStream``: each
+    rank and DataLoader worker its own shards) instead of read from ``dataset_dir``, which then
+    needs only its manifest, fingerprint and val split on disk."""
     records = read_manifest(dataset_dir)
     if not labelled(records, "val"):
         raise EmptySplitError("plain training (meta_train.enabled: false) keeps the epoch with the best "
@@ -152,8 +158,13 @@ def train(params: Params, dataset_dir: Path, out_dir: Path) -> FitResult:
     model = new_segmenter(params, dataset_dir)
     train_records = labelled(records, "train")
     weights = sample_weights([r.kind for r in train_records], params.meta_train.correction_weight)
-    train_set = SegmentationDataset(dataset_dir, train_records, model, augment=params.train.augment,
-                                    seed=params.seed, sample_weights=list(weights))
+    if train_shards is None:
+        train_set = SegmentationDataset(dataset_dir, train_records, model, augment=params.train.augment,
+                                        seed=params.seed, sample_weights=list(weights))
+    else:
+        train_set = ShardStream(train_shards, train_records, model, augment=params.train.augment,
+                                seed=params.seed, sample_weights=list(weights),
+                                batch_size=params.train.batch_size, num_workers=params.train.num_workers)
     val_set = SegmentationDataset(dataset_dir, labelled(records, "val"), model)
     mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
     mlflow.log_params({f"train.{k}": v for k, v in params.train.model_dump().items()})
