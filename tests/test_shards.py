@@ -241,9 +241,17 @@ def _files_under(root: Path) -> set[str]:
     return {hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def pushed_sharded(sharded, s3_server) -> tuple[str, str]:
+    """``sharded`` pushed once with the real `dvc` to a bucket of its own: (remote, version md5)."""
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="t-pushed-sharded")
+    remote = "s3://t-pushed-sharded/datasets"
+    return remote, version_dataset(sharded, remote=remote, endpoint_url=s3_server).md5
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_trainjob_worker_streams_a_sharded_version_and_keeps_only_val_on_disk(
-        files_dataset, sharded, s3_server, s3_bucket, tmp_path, monkeypatch, nproc):
+        files_dataset, pushed_sharded, s3_server, s3_bucket, tmp_path, monkeypatch, nproc):
     """``lesionflow train-worker`` on a sharded version (plain training): it trains and uploads a
     model while no train image ever reaches the worker's disk — only the manifest, fingerprint and
     val split do — alone in-process, and as 2 torchrun ranks, each streaming its own shards."""
@@ -258,8 +266,7 @@ def test_trainjob_worker_streams_a_sharded_version_and_keeps_only_val_on_disk(
     from lesionflow.models.store import load_model
     from tests.conftest import free_port
 
-    remote = f"s3://{s3_bucket}/datasets"
-    md5 = version_dataset(sharded, remote=remote, endpoint_url=s3_server).md5
+    remote, md5 = pushed_sharded
     params = config.load(None, [
         f"runtime.dvc_remote={remote}", f"runtime.s3_endpoint_url={s3_server}", "train.image_size=32",
         "train.batch_size=4", "train.epochs=1", "train.device=cpu", "model.base_channels=4",
