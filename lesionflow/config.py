@@ -466,8 +466,8 @@ class ServeConfig(_Section):
     log_max_bytes: int = Field(
         64 * 2**20, ge=1024, description="a log segment is closed before it grows past this")
     keep_images: bool = Field(
-        False, description="also keep each image (re-encoded PNG, named by the request's content "
-        "hash) for the review queue")
+        False, description="also keep each image for the review queue, named by its content hash "
+        "(PNG/JPEG as sent minus metadata, other formats as PNG)")
     image_store: str | None = Field(
         None, description="where kept images go: s3://bucket/prefix or a folder (null: "
         "<log_dir>/images)")
