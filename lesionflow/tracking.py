@@ -8,6 +8,7 @@ step that needs it. Reviewers then see each pipeline run as one expandable row i
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,10 +93,10 @@ def dataset_label(params: Params) -> str:
     return Path(params.ingest.source.rstrip("/")).name or params.ingest.source
 
 
-def log_dataset_input(params: Params, md5: str, name: str, context: str, run_id: str | None = None) -> None:
-    """A DVC dataset version as an input of ``run_id`` (default: the active run), so the UI's
-    Datasets column names it: the digest is the DVC hash, the source is the object DVC stores it
-    as on the remote."""
+def dataset_input(params: Params, md5: str, role: str, context: str):
+    """A DVC dataset version (``role``: ingested, augmented, trained_on) as an MLflow dataset input
+    used as ``context``, so the UI's Datasets column names it: the digest is the DVC hash, the
+    source is the object DVC stores it as on the remote."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
@@ -104,9 +105,14 @@ def log_dataset_input(params: Params, md5: str, name: str, context: str, run_id:
     with warnings.catch_warnings():  # MLflow registers its local-artifact source twice and says so
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
         source = resolve_dataset_source(f"{remote}/files/md5/{md5[:2]}/{md5[2:]}")
-    dataset = MetaDataset(source, name=name, digest=md5)._to_mlflow_entity()
-    MlflowClient().log_inputs(run_id or mlflow.active_run().info.run_id, datasets=[
-        DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+    dataset = MetaDataset(source, name=f"{dataset_label(params)} ({role})", digest=md5)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
+def log_dataset_input(params: Params, md5: str, role: str, context: str) -> None:
+    """``dataset_input`` on the active run."""
+    MlflowClient().log_inputs(mlflow.active_run().info.run_id,
+                              datasets=[dataset_input(params, md5, role, context)])
 
 
 def summarize_pipeline_run(params: Params, pipeline_run_id: str, *, name: str, description: str,
@@ -114,19 +120,18 @@ def summarize_pipeline_run(params: Params, pipeline_run_id: str, *, name: str, d
                            datasets: dict[str, str]) -> None:
     """Give the pipeline's parent run what reviewers compare pipelines by (the children hold the
     detail): a telling name, a description, the key params, the headline metrics and its dataset
-    versions (role → DVC hash); then end it."""
+    versions (role → DVC hash); then end it. Logging the same values again (a re-run register
+    step) is a no-op for MLflow."""
+    from mlflow.entities import Metric, Param, RunTag
+
     client = MlflowClient()
     run_id = parent_run_id(params, pipeline_run_id)
-    for role, md5 in datasets.items():
-        log_dataset_input(params, md5, f"{dataset_label(params)} ({role})", context=role, run_id=run_id)
+    client.log_inputs(run_id, datasets=[dataset_input(params, md5, role, role) for role, md5 in datasets.items()])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in key_params.items()],
+                     tags=[RunTag("mlflow.note.content", description)])
     client.update_run(run_id, name=name)
-    client.set_tag(run_id, "mlflow.note.content", description)
-    existing = client.get_run(run_id).data.params  # a re-run register step logs the same values
-    for key, value in key_params.items():
-        if key not in existing:
-            client.log_param(run_id, key, value)
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
     client.set_terminated(run_id, status="FINISHED")
 
 

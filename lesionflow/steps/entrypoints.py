@@ -133,7 +133,7 @@ def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, datase
     with step_context(params_json, "meta_train", pipeline_run_id) as params:
         run_id = mlflow.active_run().info.run_id
         tracking.log_dataset_input(params, json.loads(lineage_json)[lineage.TAG_PSEUDO_DATASET_MD5],
-                                   f"{tracking.dataset_label(params)} (trained_on)", context="training")
+                                   "trained_on", context="training")
         warm_from = init_version(params)  # resolved once: the weights loaded = the version recorded
         outcome = meta_train_step.run(params.with_section("train", init_from=warm_from),
                                       Path(dataset_path), Path(model_path))
@@ -148,7 +148,7 @@ def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_
 
     with step_context(params_json, "evaluate", pipeline_run_id) as params:
         tracking.log_dataset_input(params, json.loads(lineage_json)[lineage.TAG_DATASET_MD5],
-                                   f"{tracking.dataset_label(params)} (ingested)", context="testing")
+                                   "ingested", context="testing")
         result = evaluate_step.evaluate(params, Path(dataset_path), Path(model_path), Path(report_path))
     out = {**{k: result.candidate.table["overall"][k] for k in ("dice", "iou", "hd95")},
            "fps": result.candidate.fps}

@@ -66,7 +66,7 @@ def version_and_log(params: Params, dataset_dir: Path, role: str = "ingested") -
     mlflow.log_param("dvc.remote", version.remote)
     mlflow.log_artifact(str(dataset_dir / FINGERPRINT))
     mlflow.log_text(version.dvc_file, "dataset.dvc.yaml")  # .yaml: the artifact browser previews it
-    tracking.log_dataset_input(params, version.md5, f"{tracking.dataset_label(params)} ({role})", context=role)
+    tracking.log_dataset_input(params, version.md5, role, context=role)
     return version
 
 
