@@ -14,6 +14,7 @@ Protocol (the package's own functions, as the pipeline runs them):
 
     python bench/weak_vs_full.py kvasir-seg [--image-size 128] [--epochs 6] [--noise 0.0] [--arms full weak]
     python bench/weak_vs_full.py busi
+    python bench/weak_vs_full.py kvasir-seg --arms weak --set weak_label.size_weight=1 --set weak_label.rank_by=gcn+head
 
 Runs on one thread (the machine is shared). Prints both Dice figures and weak / full.
 """
@@ -74,7 +75,8 @@ def main() -> None:
     val, test = labelled(records, "val"), labelled(records, "test")
     print(f"{args.dataset}: train {len(train_full)} (weak arm: {len(weak)} area ratios), val {len(val)}, "
           f"test {len(test)}; U-Net {params.model.base_channels} ch depth {params.model.depth}, "
-          f"{args.image_size}², {args.epochs} epochs, batch {params.train.batch_size}, 1 thread")
+          f"{args.image_size}², {args.epochs} epochs, batch {params.train.batch_size}, 1 thread; weak: "
+          f"size_weight {params.weak_label.size_weight}, rank_by {params.weak_label.rank_by}")
 
     results = {}
     if "full" in args.arms:

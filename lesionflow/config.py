@@ -414,6 +414,10 @@ class WeakLabelConfig(_Section):
     labelled_per_weak: float = Field(
         4.0, ge=0, description="labelled train records mixed in per weak record")
     gcn_weight: float = Field(1.0, ge=0, description="vertex loss weight next to the pixel loss")
+    size_weight: float = Field(
+        0.0, ge=0, description="weight of the size penalty: predicted area outside r±e (0: off)")
+    rank_by: Literal["gcn", "gcn+head"] = Field(
+        "gcn", description="gcn | gcn+head: rank by the GCN, or by its mean with the head")
     n_logged: int = Field(
         4, ge=0, description="image strips (superpixels, pseudo mask, ignore band) in MLflow")
 

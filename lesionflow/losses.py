@@ -76,3 +76,13 @@ def _weighted_mean(per_sample: torch.Tensor, sample_weight: torch.Tensor | None)
     if sample_weight is None:
         return per_sample.mean()
     return (per_sample * sample_weight).sum() / sample_weight.sum()
+
+
+def size_loss(logits: torch.Tensor, ratio: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of ``relu(r − e − a)² + relu(a − r − e)²``, a = mean lesion probability
+    of the image: Kervadec et al.'s quadratic size penalty ("Constrained-CNN losses for weakly
+    supervised segmentation", MedIA 2019). Zero anywhere inside the band r ± e, so an area ratio
+    constrains how much lesion the network predicts without saying where. ``a`` is taken over every
+    pixel (r is the lesion's share of the whole image, the ignore band included)."""
+    area = torch.sigmoid(logits).flatten(1).mean(1)
+    return (F.relu(ratio - error - area) ** 2 + F.relu(area - ratio - error) ** 2).mean()

@@ -1,6 +1,7 @@
 """Area-ratio weak labels (lesionflow.weak): graph construction on hand-made label maps, the count
-rule with and without an estimate error, the ignore region in every loss, the weaken helper, and
-the pseudo_label step turning weak records into pseudo-labels that meta-training can read."""
+rule with and without an estimate error, the ignore region in every loss, the size penalty and the
+gcn+head ranking, the weaken helper, and the pseudo_label step turning weak records into
+pseudo-labels that meta-training can read."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from lesionflow import cli, config, tracking
 from lesionflow.data.manifest import IGNORE_VALUE, read_manifest
 from lesionflow.data.transforms import load_mask, load_target
 from lesionflow.data.weaken import weaken
-from lesionflow.errors import WeakLabelError
-from lesionflow.losses import IGNORE, dice_bce_loss
+from lesionflow.errors import ConfigError, WeakLabelError
+from lesionflow.losses import IGNORE, dice_bce_loss, size_loss
 from lesionflow.metrics import dice
 from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.pseudo_label import pseudo_label
@@ -34,7 +35,7 @@ from lesionflow.weak import (
     vertex_labels,
 )
 from lesionflow.weak.step import to_png
-from lesionflow.weak.train import boundary_contrast, vertex_loss
+from lesionflow.weak.train import boundary_contrast, vertex_loss, vertex_scores
 
 # four 2x2 quadrants: 0 | 1 over 2 | 3 — 4-neighbours share a side, 0-3 and 1-2 only a corner
 QUADRANTS = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
@@ -124,6 +125,55 @@ def test_ignored_pixels_and_vertices_carry_no_loss():
     vertex_logits = torch.zeros(4, requires_grad=True)
     vertex_loss([graph], vertex_logits, pixel_target[None, None]).backward()
     assert vertex_logits.grad[2:].abs().sum() == 0 and torch.all(vertex_logits.grad[:2] != 0)
+
+
+def _logits_of_area(area: float, pixels: int = 100) -> torch.Tensor:
+    """(1, 1, 1, pixels) constant logits whose mean sigmoid is ``area``."""
+    return torch.full((1, 1, 1, pixels), math.log(area / (1 - area)), requires_grad=True)
+
+
+def test_size_loss_is_zero_inside_the_band_and_pulls_the_area_into_it():
+    r, e = torch.tensor([0.3]), torch.tensor([0.1])
+    for area in (0.21, 0.3, 0.39):
+        assert size_loss(_logits_of_area(area), r, e).item() == pytest.approx(0, abs=1e-9)
+    below = [size_loss(_logits_of_area(a), r, e).item() for a in (0.15, 0.1, 0.05)]
+    above = [size_loss(_logits_of_area(a), r, e).item() for a in (0.45, 0.5, 0.6)]
+    assert below[0] == pytest.approx(0.05 ** 2, rel=1e-4) and above[0] == pytest.approx(0.05 ** 2, rel=1e-4)
+    assert 0 < below[0] < below[1] < below[2] and 0 < above[0] < above[1] < above[2]
+    # the gradient raises a too-small area and lowers a too-large one, on every pixel alike
+    for area, sign in ((0.1, -1), (0.6, 1)):
+        logits = _logits_of_area(area)
+        size_loss(logits, r, e).backward()
+        assert torch.all(torch.sign(logits.grad) == sign)
+    # per sample: one image in its band, one above it → half the second one's penalty
+    two = torch.cat([_logits_of_area(0.3), _logits_of_area(0.6)]).detach()
+    assert size_loss(two, torch.tensor([0.3, 0.3]), torch.tensor([0.1, 0.1])).item() == pytest.approx(
+        0.2 ** 2 / 2, rel=1e-4)
+
+
+def test_gcn_plus_head_ranks_by_the_mean_of_both_probabilities():
+    graph = build_graph(features_of(QUADRANTS, QUADRANT_FEATURES), QUADRANTS)
+    gcn = torch.tensor([0.9, 0.8, 0.1, 0.2])  # GCN order 0 1 3 2
+    head = torch.tensor([0.0, 0.5, 0.95, 0.3])  # head order 2 1 3 0 → mean 0.45 0.65 0.525 0.25
+    logit = lambda p: torch.log(p / (1 - p.clamp(max=1 - 1e-6))).clamp(min=-30)  # noqa: E731
+    pixel_logits, vertex_logits = logit(head)[QUADRANTS], logit(gcn)
+    order = {ranking: torch.argsort(vertex_scores(ranking, graph, pixel_logits, vertex_logits, 2),
+                                    descending=True).tolist() for ranking in ("gcn", "head", "gcn+head")}
+    assert order == {"gcn": [0, 1, 3, 2], "head": [2, 1, 3, 0], "gcn+head": [1, 2, 0, 3]}
+    assert torch.allclose(vertex_scores("gcn+head", graph, pixel_logits, vertex_logits, 2),
+                          torch.tensor([0.45, 0.65, 0.525, 0.25]), atol=1e-5)
+    # a quarter of the image is lesion: the averaged ranking paints vertex 1, which neither tops alone
+    scores = vertex_scores("gcn+head", graph, pixel_logits, vertex_logits, 2)
+    assert vertex_labels(scores, 0.25, area=graph.area).tolist() == [BACKGROUND, FOREGROUND, BACKGROUND,
+                                                                     BACKGROUND]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("weak_label.size_weight=-1", "weak_label.size_weight: Input should be greater than or equal to 0"),
+    ("weak_label.rank_by=head", "weak_label.rank_by: Input should be 'gcn' or 'gcn\\+head'")])
+def test_size_and_ranking_settings_reject_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, [override])
 
 
 def test_validation_dice_skips_ignored_pixels():
@@ -234,3 +284,31 @@ def test_weak_training_learns_lesions_from_area_ratios_alone(tmp_path):
     preds = model.predict_proba([np.asarray(Image.open(tmp_path / "weak" / r.image)) for r in test])
     scores = [dice(p > 0.5, load_mask(tmp_path / "weak", r)) for p, r in zip(preds, test, strict=True)]
     assert np.mean(scores) > 0.5, scores
+
+
+def test_size_weight_pulls_the_predicted_area_toward_the_ratios(tmp_path):
+    """Two weak epochs from the same weights with the pixel and vertex losses off, so only the size
+    penalty can move the network: with ``size_weight`` 10 the predicted lesion share ends nearer
+    the records' area ratios than with 0 (the penalty is logged either way)."""
+    from lesionflow.steps.train import new_segmenter
+    from lesionflow.weak.train import WeakTrainingSet, fit_weak
+
+    small = ["synthetic.n_images=16", "synthetic.n_videos=0", "synthetic.size=32", "model.base_channels=4",
+             "model.depth=2", "train.image_size=32", "train.batch_size=4", "train.lr=0.03",
+             "train.dice_weight=0", "train.bce_weight=0", "weak_label.gcn_weight=0", "weak_label.epochs=2",
+             "weak_label.n_superpixels=16"]
+    build_dataset(config.load(None, small), tmp_path / "full")
+    weak = [r for r in weaken(tmp_path / "full", tmp_path / "weak") if r.kind == "weak"]
+    gap, logged = {}, {}
+    for weight in (0.0, 10.0):
+        params = config.load(None, [*small, f"weak_label.size_weight={weight}"])
+        torch.manual_seed(0)  # the same initial weights for both
+        model = new_segmenter(params, tmp_path / "weak")
+        data = WeakTrainingSet(tmp_path / "weak", [], weak, model)
+        logged[weight] = fit_weak(model, data, params.weak_label, params.train, seed=0).history[-1]["size_loss"]
+        model.train()  # batch statistics: two epochs leave BatchNorm's running ones far off
+        with torch.no_grad():
+            area = torch.sigmoid(model(torch.from_numpy(data.images).float())).flatten(1).mean(1).numpy()
+        gap[weight] = float(np.abs(area - np.array(data.ratios)).mean())
+    assert 0 < logged[10.0] < 0.7 * logged[0.0], logged
+    assert gap[10.0] < 0.8 * gap[0.0], gap

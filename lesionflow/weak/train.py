@@ -10,13 +10,16 @@ so superpixels are meaningful even before the network has learned anything. One 
 2. train on those targets (augmented like plain training): the pixel head's Dice + BCE skips the
    ignore pixels; the GCN's BCE is taken on the superpixels of the *current* features, each vertex
    labelled by the share of lesion among its labelled pixels (vertices mostly in the ignore band
-   carry no loss), weighted by area. Both losses reach the network's features.
+   carry no loss), weighted by area. Both losses reach the network's features. With
+   ``size_weight`` > 0 a size penalty (``losses.size_loss``) also keeps each weak image's
+   predicted lesion area inside r ± e; labelled records get none (their masks fix every pixel).
 
 The scores that rank vertices come from the GCN — except in the first epoch, when it is untrained:
 then a pretrained network's own head ranks them (mean lesion probability per vertex), and an
 untrained one falls back to a boundary-contrast prior (colour distance to the nearest superpixel
 on the image border; lesions seldom fill the frame edge), a classic saliency cue (Wei et al.,
-ECCV 2012) that costs nothing.
+ECCV 2012) that costs nothing. ``rank_by: gcn+head`` ranks by the mean of the GCN's and the
+head's probability instead, so the pixel head also votes from the second epoch on.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from lesionflow.data.manifest import Record
 from lesionflow.data.transforms import load_image, load_target
 from lesionflow.errors import WeakLabelError
 from lesionflow.loop import TrainingLoop
-from lesionflow.losses import IGNORE, dice_bce_loss
+from lesionflow.losses import IGNORE, dice_bce_loss, size_loss
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.progress import progress
 from lesionflow.training import SegmentationDataset, pick_device, validation_dice
@@ -105,13 +108,32 @@ def _agreement(logits: torch.Tensor, target: torch.Tensor) -> float:
     return 1.0 if total == 0 else float(2 * (pred & fg).sum() / total)
 
 
+def vertex_scores(ranking: str, graph: Graph, pixel_logits: torch.Tensor, vertex_logits: torch.Tensor,
+                  colour: int) -> torch.Tensor:
+    """One image's ranking scores (higher: more lesion-like). "gcn": the GCN's vertex logit;
+    "head": the pixel head's mean probability over the vertex; "gcn+head": the mean of the GCN's
+    probability and the head's (both in [0, 1]), so the two rankers vote; "prior":
+    ``boundary_contrast``."""
+    if ranking == "prior":
+        return boundary_contrast(graph, colour)
+    if ranking == "gcn":
+        return vertex_logits  # not its sigmoid: that saturates to ties at large logits
+    gcn = torch.sigmoid(vertex_logits)
+    head = gcn.new_zeros(graph.n).index_add_(
+        0, graph.labels.flatten(), torch.sigmoid(pixel_logits).flatten()) / graph.area
+    return head if ranking == "head" else (gcn + head) / 2
+
+
+RANKINGS = ("gcn", "gcn+head", "head", "prior")
+
+
 @torch.no_grad()
 def annotate(model: WeakGraphModel, images: np.ndarray, ratios: Sequence[float], errors: Sequence[float],
              ranking: str, device: torch.device, batch_size: int = 8) -> list[Annotation]:
-    """Rank each image's superpixels by ``ranking`` ("gcn", "head" or "prior"), apply the count
-    rule with its ratio and error, paint the result back to pixels."""
-    if ranking not in ("gcn", "head", "prior"):
-        raise WeakLabelError(f"ranking must be 'gcn', 'head' or 'prior', got {ranking!r}")
+    """Rank each image's superpixels by ``ranking`` (one of ``RANKINGS``, see ``vertex_scores``),
+    apply the count rule with its ratio and error, paint the result back to pixels."""
+    if ranking not in RANKINGS:
+        raise WeakLabelError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
     model.eval()
     out: list[Annotation] = []
     for start in range(0, len(images), batch_size):
@@ -119,11 +141,7 @@ def annotate(model: WeakGraphModel, images: np.ndarray, ratios: Sequence[float],
         logits, graphs, vertex_logits = model(x)
         for i, (graph, scores) in enumerate(zip(graphs, vertex_logits.split([g.n for g in graphs]),
                                                 strict=True)):
-            if ranking == "head":
-                scores = torch.zeros(graph.n, device=device).index_add_(
-                    0, graph.labels.flatten(), torch.sigmoid(logits[i, 0]).flatten()) / graph.area
-            elif ranking == "prior":
-                scores = boundary_contrast(graph, model.colour)
+            scores = vertex_scores(ranking, graph, logits[i, 0], scores, model.colour)
             area = graph.area if model.cfg.count_by == "area" else None
             labels = vertex_labels(scores, ratios[start + i], errors[start + i], area)
             target = paint(labels, graph.labels)
@@ -155,7 +173,8 @@ def vertex_loss(graphs: list[Graph], vertex_logits: torch.Tensor, targets: torch
 
 class WeakTrainingSet(SegmentationDataset):
     """Fully labelled records with their masks, then weak records whose targets ``fit_weak``
-    rewrites every epoch (all ignore until the first annotation)."""
+    rewrites every epoch (all ignore until the first annotation). Items are (image, target,
+    weight, [r, e]), r and e NaN for labelled records (no size term)."""
 
     def __init__(self, dataset_dir: Path, labelled: list[Record], weak: list[Record], model: Segmenter,
                  default_error: float = 0.0, augment: Strength = "none", seed: int = 0):
@@ -174,6 +193,11 @@ class WeakTrainingSet(SegmentationDataset):
         self.weak = slice(len(labelled), len(self.images))
         self.ratios = [r.area_ratio for r in weak]
         self.errors = [default_error if r.area_error is None else r.area_error for r in weak]
+        self.bands = np.full((len(self.images), 2), np.nan, np.float32)
+        self.bands[self.weak] = np.stack([self.ratios, self.errors], 1)
+
+    def __getitem__(self, i: int):
+        return *super().__getitem__(i), torch.from_numpy(self.bands[i])
 
 
 @dataclass
@@ -202,21 +226,26 @@ def fit_weak(segmenter: Segmenter, data: WeakTrainingSet, cfg: WeakLabelConfig, 
     weak_images = data.images[data.weak]
     history: list[dict] = []
     for epoch in range(cfg.epochs):
-        ranking = "gcn" if epoch else ("head" if pretrained else "prior")
+        ranking = cfg.rank_by if epoch else ("head" if pretrained else "prior")
         annotations = annotate(model, weak_images, data.ratios, data.errors, ranking, device, train_cfg.batch_size)
         data.masks[data.weak, 0] = np.stack([a.target for a in annotations])
         model.train()
-        pixel_losses, graph_losses = [], []
-        for image, target, _ in progress(loader, f"weak epoch {epoch + 1}/{cfg.epochs}"):
-            image, target = image.to(device), target.to(device)
+        pixel_losses, graph_losses, size_losses = [], [], []
+        for image, target, _, band in progress(loader, f"weak epoch {epoch + 1}/{cfg.epochs}"):
+            image, target, band = image.to(device), target.to(device), band.to(device)
             logits, graphs, vertex_logits = model(image)
             pixel = dice_bce_loss(logits, target, dice_weight=train_cfg.dice_weight, bce_weight=train_cfg.bce_weight)
             graph = vertex_loss(graphs, vertex_logits, target)
-            loop.step(pixel + cfg.gcn_weight * graph)
+            weak = ~band[:, 0].isnan()
+            # computed even at size_weight 0: the logged penalty says how far areas leave r ± e
+            size = size_loss(logits[weak], band[weak, 0], band[weak, 1]) if weak.any() else logits.new_zeros(())
+            loop.step(pixel + cfg.gcn_weight * graph + cfg.size_weight * size)
             pixel_losses.append(pixel.item())
             graph_losses.append(graph.item())
+            size_losses.append(size.item())
         row = {"epoch": epoch, "ranking": ranking, "pixel_loss": float(np.mean(pixel_losses)),
-               "vertex_loss": float(np.mean(graph_losses)), "seconds": loop.seconds,
+               "vertex_loss": float(np.mean(graph_losses)), "size_loss": float(np.mean(size_losses)),
+               "seconds": loop.seconds,
                **{f"{k}_vertices": sum(a.counts[k] for a in annotations) for k in annotations[0].counts},
                "ignored_pixel_share": float(np.mean([(a.target == IGNORE).mean() for a in annotations]))}
         if val is not None:
@@ -229,6 +258,6 @@ def fit_weak(segmenter: Segmenter, data: WeakTrainingSet, cfg: WeakLabelConfig, 
             break
     best = (loop.best_at, loop.best_score) if val is not None else (len(history) - 1, None)
     loop.finish().to(device)  # the selected weights write the final pseudo-labels
-    final = annotate(model, weak_images, data.ratios, data.errors, "gcn", device, train_cfg.batch_size)
+    final = annotate(model, weak_images, data.ratios, data.errors, cfg.rank_by, device, train_cfg.batch_size)
     model.to("cpu").eval()
     return WeakFitResult(final, best[0], best[1], loop.seconds, history, model.state_dict())
