@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -48,45 +49,21 @@ from lesionflow.data.fingerprint import write_index
 from lesionflow.data.manifest import Record, link_or_copy, read_manifest, staged_dataset
 from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import score_model
-from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.train import train
 from lesionflow.training import labelled, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-PACKAGE = REPO / "lesionflow"
-# what a cached dataset / champion depends on besides its params
-INGEST_CODE = ["data/*.py", "steps/ingest.py"]
+sys.path.insert(0, str(REPO))
+
+from bench import harness  # noqa: E402
+from bench.harness import cached_dataset, code_digest, digest, spread  # noqa: E402
+
+# what a cached champion depends on besides its params
 TRAIN_CODE = ["training.py", "losses.py", "meta.py", "models/*.py", "steps/train.py"]
 
 
-def digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def code_digest(patterns: list[str]) -> str:
-    files = sorted(f for p in patterns for f in PACKAGE.glob(p))
-    return digest([(str(f.relative_to(PACKAGE)), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files])
-
-
 def load_params(dataset: str, cache: Path, overrides: list[str]) -> config.Params:
-    return config.load([REPO / "params.yaml", REPO / "configs" / f"{dataset}.yaml"], [
-        f"ingest.source={DATA / dataset}", f"runtime.workdir={cache}",
-        "runtime.experiment=warm-start-bench", "meta_train.enabled=false", *overrides])
-
-
-def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
-    """The canonical dataset for ``params.ingest``, built once per (ingest params, split seed,
-    source content, ingest code)."""
-    source = Path(params.ingest.source)
-    key = digest(params.ingest.model_dump(), params.seed, (source / "MANIFEST.sha256").read_text(),
-                 code_digest(INGEST_CODE))
-    out = cache / "datasets" / f"{source.name}-{key}"
-    if not out.is_dir():
-        t0 = time.monotonic()
-        build_dataset(params, out)
-        print(f"ingested {source.name} in {time.monotonic() - t0:.0f} s → {out}", flush=True)
-    return out, key
+    return harness.load_params(dataset, cache, "warm-start-bench", overrides)
 
 
 def champion(params: config.Params, dataset: Path, dataset_key: str) -> tuple[str, str, float | None]:
@@ -151,12 +128,6 @@ def corrected_dataset(kvasir: Path, cvc: Path, batch: list[Record], corrected_fr
 
 def with_overrides(params: config.Params, **train: object) -> config.Params:
     return params.with_section("train", **train)
-
-
-def spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
 def main() -> None:

@@ -1,0 +1,63 @@
+"""What every method comparison under ``bench/`` shares: cache keys, cached datasets, and the
+mean (min–max) cell its tables report.
+
+A cache entry's key is a digest of everything that changes its content — the params that matter,
+the source data's manifest and the package code that builds it — so a cached dataset is reused
+only when rebuilding it would give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lesionflow import config
+from lesionflow.steps.ingest import build_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+PACKAGE = REPO / "lesionflow"
+# the package code a cached dataset depends on besides its params
+INGEST_CODE = ["data/*.py", "steps/ingest.py"]
+
+
+def digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def code_digest(patterns: list[str]) -> str:
+    files = sorted(f for p in patterns for f in PACKAGE.glob(p))
+    return digest([(str(f.relative_to(PACKAGE)), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files])
+
+
+def load_params(dataset: str, cache: Path, experiment: str, overrides: list[str]) -> config.Params:
+    """``params.yaml`` + ``configs/<dataset>.yaml`` on the real data, logging to ``cache``'s own
+    SQLite MLflow store; plain training unless an override says otherwise."""
+    return config.load([REPO / "params.yaml", REPO / "configs" / f"{dataset}.yaml"], [
+        f"ingest.source={DATA / dataset}", f"runtime.workdir={cache}", f"runtime.experiment={experiment}",
+        "meta_train.enabled=false", *overrides])
+
+
+def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
+    """The canonical dataset for ``params.ingest``, built once per (ingest params, split seed,
+    source content, ingest code)."""
+    source = Path(params.ingest.source)
+    key = digest(params.ingest.model_dump(), params.seed, (source / "MANIFEST.sha256").read_text(),
+                 code_digest(INGEST_CODE))
+    out = cache / "datasets" / f"{source.name}-{key}"
+    if not out.is_dir():
+        t0 = time.monotonic()
+        build_dataset(params, out)
+        print(f"ingested {source.name} in {time.monotonic() - t0:.0f} s → {out}", flush=True)
+    return out, key
+
+
+def spread(values: list[float]) -> str:
+    """``mean (min–max)`` over seeds; a lone value as is."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
