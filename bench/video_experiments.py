@@ -44,13 +44,13 @@ from lesionflow.data.manifest import (
     write_manifest,
 )
 from lesionflow.data.transforms import load_image, load_mask, resize_prob
-from lesionflow.metrics import dice
+from lesionflow.metrics import dice, temporal_consistency
 from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.synthesize_video import synthesize_frames
 from lesionflow.steps.train import new_segmenter
 from lesionflow.training import SegmentationDataset, fit, labelled
 from lesionflow.video.losses import similarity
-from lesionflow.video.synthesis import propagate_masks, temporal_consistency
+from lesionflow.video.synthesis import propagate_masks
 from lesionflow.video.train import (
     load_next_frame,
     load_video,
@@ -139,9 +139,8 @@ def propagation(params: config.Params, work: Path) -> None:
 
 def _score(model, data: Path, records, threshold: float) -> tuple[float, float, float]:
     """Test Dice at native size, and temporal consistency of predicted / true masks per sequence."""
-    dices, tc_pred, tc_true = [], [], []
-    for frames in video_groups(records, "test").values():
-        preds, truths = [], []
+    dices, preds, truths = [], defaultdict(list), defaultdict(list)
+    for group, frames in video_groups(records, "test").items():
         for r in frames:
             image = model.prepare(load_image(data, r))
             with torch.no_grad():
@@ -149,11 +148,9 @@ def _score(model, data: Path, records, threshold: float) -> tuple[float, float, 
             pred = resize_prob(prob, r.height, r.width) > threshold
             truth = load_mask(data, r)
             dices.append(dice(pred, truth))
-            preds.append(pred)
-            truths.append(truth)
-        tc_pred.append(temporal_consistency(np.stack(preds)))
-        tc_true.append(temporal_consistency(np.stack(truths)))
-    return float(np.mean(dices)), float(np.mean(tc_pred)), float(np.mean(tc_true))
+            preds[group].append((r.frame_index, pred))
+            truths[group].append((r.frame_index, truth))
+    return float(np.mean(dices)), temporal_consistency(preds), temporal_consistency(truths)
 
 
 def mixin(params: config.Params, work: Path, epochs: int, seeds: list[int]) -> None:

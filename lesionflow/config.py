@@ -439,6 +439,10 @@ class RegistryConfig(_Section):
         0.05, ge=0, description="... or any lesion type is worse by more than this")
     min_type_records: int = Field(
         3, ge=1, description="compared test records a type needs to be gated on its own")
+    max_temporal_drop: float | None = Field(
+        None, ge=0, description="refuse a candidate whose temporal_dice (Dice of consecutive predicted "
+        "video masks) on the compared records is lower than the champion's by more than this; null: "
+        "not checked")
     lease_seconds: float = Field(
         600, gt=0, description="a training run's lease expires this long after its last renewal")
     lease_wait_seconds: float = Field(

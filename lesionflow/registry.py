@@ -217,13 +217,18 @@ def gate(
     tolerance: float = 0.01,
     max_type_drop: float = math.inf,
     min_type_records: int = 1,
+    max_temporal_drop: float | None = None,
 ) -> GateDecision:
     """Promote unless the candidate is worse than the champion by more than ``tolerance`` overall,
     or by more than ``max_type_drop`` on any lesion type with at least ``min_type_records``
     compared records (seed 003: a model better on average but worse on one lesion type is not
     better for the patients with that type). Both tables are per-type (``"overall"`` plus one row
     per lesion type) over the same records. The tolerances keep retrains on fresh data (whose
-    score wobbles) from being refused for noise.
+    score wobbles) from being refused for noise. With ``max_temporal_drop`` set, a candidate whose
+    overall ``temporal_dice`` (video frames: Dice of consecutive predicted masks) is below the
+    champion's by more than it is refused too: a flickering model is worse to watch even at an equal
+    Dice. A champion table without the figure (stills, or a version older than the metric) is not
+    checked.
     """
     if metric not in candidate.get("overall", {}):
         raise RegistryError(f"gate metric {metric!r} missing from candidate metrics {sorted(candidate.get('overall', {}))}")
@@ -243,11 +248,20 @@ def gate(
         if n >= min_type_records and c < h - max_type_drop:
             refusals.append(f"{lesion_type}: candidate {metric}={c:.4f} < champion {h:.4f} - "
                             f"max_type_drop {max_type_drop:.4f} (n={n})")
+    temporal = (max_temporal_drop is not None and
+                all(math.isfinite(t.get("overall", {}).get("temporal_dice", math.nan)) for t in (candidate, champion)))
+    if temporal:
+        ct, ht = float(candidate["overall"]["temporal_dice"]), float(champion["overall"]["temporal_dice"])
+        if ct < ht - max_temporal_drop:
+            refusals.append(f"candidate temporal_dice={ct:.4f} < champion {ht:.4f} - max_temporal_drop "
+                            f"{max_temporal_drop:.4f}: its masks flicker more between consecutive frames")
     if refusals:
         return GateDecision(False, "; ".join(refusals), cand, champ, tuple(refusals))
     reason = f"candidate {metric}={cand:.4f} >= champion {champ:.4f} - tolerance {tolerance:.4f} = {floor:.4f}"
     if math.isfinite(max_type_drop):
         reason += f"; no lesion type drops more than {max_type_drop:.4f}"
+    if temporal:
+        reason += f"; temporal_dice drops no more than {max_temporal_drop:.4f}"
     return GateDecision(True, reason, cand, champ)
 
 

@@ -30,7 +30,7 @@ from lesionflow.lineage import (
     TAG_COMPARED_WITH,
     TAG_GATE_RECORD_SET,
 )
-from lesionflow.metrics import aggregate, image_metrics
+from lesionflow.metrics import aggregate, dice, image_metrics
 from lesionflow.models import runtime
 from lesionflow.models.store import load_model
 from lesionflow.training import labelled
@@ -90,15 +90,30 @@ def score_model(model, dataset_dir: Path, records: list[Record], threshold: floa
     """Per-image metrics of ``model`` (anything with ``predict_proba``: a ``Segmenter``, a router
     or their ``runtime.predictor``; HD95 in mm where the record's pixel spacing is known)
     aggregated per lesion type; frames/s measured one frame at a time, as a real-time video stream
-    would arrive (pre- and post-processing included)."""
+    would arrive (pre- and post-processing included).
+
+    Video frames (``frame_index`` set) are scored in frame order per video, each row carrying the
+    Dice of its predicted and true mask with the previous scored frame's, so the temporal
+    consistency needs only the previous frame's masks in memory, not the whole video."""
     rows = []
+    # stills keep their order; video frames follow, sorted, so each one's predecessor comes first
+    ordered = sorted(records, key=lambda r: (r.frame_index is not None, r.group if r.frame_index is not None
+                                             else "", r.frame_index or 0))
+    previous: tuple[str, str, np.ndarray, np.ndarray] | None = None  # group, id, pred, truth
     start = time.perf_counter()
-    for record in records:
+    for record in ordered:
         image = load_image(dataset_dir, record)
         prob = model.predict_proba([image], lesion_types=[record.lesion_type])[0]
-        pred, truth = prob > threshold, load_mask(dataset_dir, record)
-        rows.append({**image_metrics(pred, truth, record.spacing), "id": record.id,
-                     "lesion_type": record.lesion_type})
+        pred, truth = prob > threshold, load_mask(dataset_dir, record).astype(bool)
+        row = {**image_metrics(pred, truth, record.spacing), "id": record.id,
+               "lesion_type": record.lesion_type}
+        if record.frame_index is not None:
+            row["sequence"] = record.group
+            if previous is not None and previous[0] == record.group:
+                row.update(prev_id=previous[1], temporal_pred=dice(pred, previous[2]),
+                           temporal_truth=dice(truth, previous[3]))
+            previous = (record.group, record.id, pred, truth)
+        rows.append(row)
     fps = len(records) / (time.perf_counter() - start)
     return ModelScore(aggregate(rows), fps, rows)
 

@@ -67,6 +67,7 @@ def gate_record(params: Params, evaluation: Evaluation, decision: registry.GateD
     return {"decision": "promoted" if decision.promote else "refused", "reason": decision.reason,
             "refusals": list(decision.refusals), "metric": cfg.gate_metric, "tolerance": cfg.tolerance,
             "max_type_drop": cfg.max_type_drop, "min_type_records": cfg.min_type_records,
+            "max_temporal_drop": cfg.max_temporal_drop,
             "split": evaluation.split, "comparison": comparison}
 
 
@@ -78,7 +79,7 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: d
     decision = registry.gate(evaluation.candidate.table if comparison is None else comparison.candidate,
                              comparison.champion if comparison else None, metric=cfg.gate_metric,
                              tolerance=cfg.tolerance, max_type_drop=cfg.max_type_drop,
-                             min_type_records=cfg.min_type_records)
+                             min_type_records=cfg.min_type_records, max_temporal_drop=cfg.max_temporal_drop)
     recovered = registry.recover(name)  # under the pipeline lease: no register runs beside us
     record = gate_record(params, evaluation, decision)
     gate_tags = {TAG_GATE: record["decision"], TAG_GATE_REASON: decision.reason[:4000],
