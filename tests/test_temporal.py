@@ -13,7 +13,7 @@ from PIL import Image
 from lesionflow import registry as reg
 from lesionflow.data.manifest import Record
 from lesionflow.metrics import temporal_consistency
-from lesionflow.steps.evaluate import score_model
+from lesionflow.steps.evaluate import same_pairs, score_model
 
 SIZE = 20
 
@@ -87,6 +87,14 @@ def test_score_model_adds_temporal_columns_for_video_frames_only(tmp_path):
     sub = score.subset({"a_f0", "a_f2", "b_f0"})
     assert sub["overall"]["temporal_dice"] == pytest.approx(0.5)
     assert sub["overall"]["temporal_gap"] == pytest.approx(-0.5)
+    # the champion, scored on the compared records only, pairs a_f0 with a_f10 across the left-out
+    # a_f2: that pair is dropped so both tables rest on the same pairs (a_f0 → a_f2 is kept)
+    compared = [r for r in records if r.id != "a_f2"]
+    champion = score_model(ImageIsMask(), tmp_path, compared, 0.5).rows
+    assert {r["id"]: r.get("prev_id") for r in champion}["a_f10"] == "a_f0"
+    kept = {r["id"]: r.get("prev_id") for r in same_pairs(champion, score.rows)}
+    assert kept["a_f10"] is None and kept["b_f1"] == "b_f0"
+    assert set(same_pairs(champion, score.rows)[0]) >= {"id", "dice", "lesion_type"}
 
 
 def table(dice: float, temporal: float | None = None) -> dict[str, dict[str, float]]:

@@ -152,12 +152,26 @@ def compare_with_champion(params: Params, dataset_dir: Path, records: list[Recor
     except RegistryError as err:
         raise RegistryError(f"champion v{version} could not be loaded for comparison: {err}") from err
     champion = score_model(champion_model, dataset_dir, compared, params.evaluate.threshold)
+    champion_table = aggregate(same_pairs(champion.rows, candidate.rows))
     return Comparison(
         champion_version=version, n=len(compared), record_set=record_set_hash(compared),
         excluded={"seen_by_champion": len(records) - len(not_champion),
                   "seen_by_candidate": len(not_champion) - len(compared)},
         champion_records_known=champion_seen is not None,
-        candidate=candidate.subset({r.id for r in compared}), champion=champion.table)
+        candidate=candidate.subset({r.id for r in compared}), champion=champion_table)
+
+
+PAIR_KEYS = ("prev_id", "temporal_pred", "temporal_truth")
+
+
+def same_pairs(rows: list[dict], reference: list[dict]) -> list[dict]:
+    """``rows`` without the consecutive-frame pairs ``reference`` lacks: the candidate, scored on
+    the whole split, has no pair across a frame left out of the comparison, while the champion,
+    scored on the compared records only, would; both temporal_dice figures must rest on the same
+    pairs."""
+    prev = {row["id"]: row.get("prev_id") for row in reference}
+    return [row if row.get("prev_id") == prev.get(row["id"]) else
+            {k: v for k, v in row.items() if k not in PAIR_KEYS} for row in rows]
 
 
 OVERLAY_HEIGHT = 256  # px per panel: smaller strips are unreadable in the MLflow artifact view
