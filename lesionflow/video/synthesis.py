@@ -15,8 +15,6 @@ the threshold (``similar``: smooth clips). Frame 0 is the still itself and never
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 
@@ -71,12 +69,3 @@ def propagate_masks(model: NextFrameModel, frames: np.ndarray, key_mask: np.ndar
             out[t + direction] = torch.sigmoid(logits)[0]
             t += direction
     return out.cpu().numpy()
-
-
-def temporal_consistency(masks: np.ndarray) -> float:
-    """Mean Dice of consecutive binary masks (T, H, W): 1 = no flicker. Both empty counts as 1."""
-    scores = []
-    for a, b in itertools.pairwise(masks):
-        total = a.sum() + b.sum()
-        scores.append(1.0 if total == 0 else 2 * np.logical_and(a, b).sum() / total)
-    return float(np.mean(scores)) if scores else 1.0
