@@ -17,6 +17,7 @@ Arms are named model + train settings (``ARMS``; each applied over ``params.yaml
     python bench/model_bench.py                         # speed columns only (a minute)
     python bench/model_bench.py --train --epochs 10     # + validation Dice (proxy budget)
     python bench/model_bench.py --train --arms resunet24-strong --test
+    python bench/model_bench.py --train --save DIR ...; then --saved DIR --test   (score the arms once)
 
 Kvasir-SEG (Jha et al., MMM 2020) and CVC-ClinicDB (Bernal et al., CMIG 2015): research use.
 """
@@ -41,6 +42,7 @@ from lesionflow import config
 from lesionflow.data.manifest import read_manifest
 from lesionflow.models import runtime
 from lesionflow.models.pyfunc import SegmentationModel
+from lesionflow.models.segmenter import Segmenter
 from lesionflow.steps.evaluate import score_model
 from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.train import new_segmenter
@@ -110,6 +112,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra key=value overrides, all arms")
     ap.add_argument("--save", type=Path, default=None,
                     help="save each trained arm's weights here, to score the chosen one on test later")
+    ap.add_argument("--saved", type=Path, default=None,
+                    help="load each arm's weights from this --save folder instead of training (with --test: "
+                         "score arms trained earlier, once the choice is made)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     extra = args.set + ([f"train.epochs={args.epochs}"] if args.epochs else [])
@@ -138,7 +143,10 @@ def main() -> None:
                "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
                "train img/s": train_throughput(new_segmenter(params, kvasir), train_set, cfg, steps=6),
                **speed_columns(model, frames)}
-        if args.train:
+        if args.saved:
+            model = Segmenter.load(args.saved / f"{arm.split()[0]}-seed{params.seed}.pt").eval()
+            row["val Dice"] = score_model(model, kvasir, val, params.evaluate.threshold).overall("dice")
+        elif args.train:
             fitted = fit(model, train_set, SegmentationDataset(kvasir, val, model), cfg, seed=params.seed,
                          on_epoch=lambda r: print(f"  {arm} epoch {r['epoch'] + 1}: val Dice "
                                                   f"{r['val_dice']:.3f} ({r['seconds'] / 60:.1f} min)"))
