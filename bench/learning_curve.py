@@ -26,6 +26,9 @@ curves); the parent holds the table, the results and the plot.
 
     python bench/learning_curve.py [--seeds 3] [--start 50] [--batch 50] [--rounds 4]
         [--images 3200] [--strategy diversity-weighted] [--set key=value ...] [--plot F.png]
+    # one process per seed on a shared MLflow server, then one table, plot and parent run:
+    python bench/learning_curve.py --seed-list 0 --out s0.json --set runtime.mlflow_tracking_uri=URL  (1, 2 …)
+    python bench/learning_curve.py --merge s0.json s1.json s2.json --plot F.png --set runtime.mlflow_tracking_uri=URL
 
 Kvasir-SEG (Jha et al., MMM 2020): research use.
 """
@@ -143,6 +146,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(parts: list[dict], params: Params, plot_path: Path | None, out: Path | None) -> None:
+    """One table, plot and MLflow parent for seeds run as separate processes: the per-seed parent
+    runs are re-parented under it (MLflow nests runs by the ``mlflow.parentRunId`` tag)."""
+    results = {**parts[0], "seeds": sorted(s for p in parts for s in p["seeds"]),
+               "runs": [r for p in parts for r in p["runs"]],
+               "total_seconds": sum(p["total_seconds"] for p in parts)}
+    text = table(results)
+    tracking.connect(params)
+    with mlflow.start_run(run_name=f"learning curve: {results['arm_labels']['queue']} vs random, "
+                                   f"seeds {results['seeds']}") as parent:
+        for part in parts:
+            mlflow.MlflowClient().set_tag(part["parent_run_id"], "mlflow.parentRunId", parent.info.run_id)
+        results["parent_run_id"] = parent.info.run_id
+        mlflow.log_params({"seeds": str(results["seeds"]), "images_per_round": results["images"],
+                           "image_size": results["image_size"]})
+        mlflow.log_text(text, "learning_curve.md")
+        mlflow.log_dict(results, "results.json")
+        if plot_path:
+            plot(results, plot_path)
+            mlflow.log_artifact(str(plot_path))
+    print(text)
+    print(f"MLflow parent run {parent.info.run_id} (the per-seed runs nested under it)")
+    if out:
+        out.write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -154,7 +183,7 @@ def main() -> None:
     parser.add_argument("--seed-list", type=int, nargs="+", default=None,
                         help="run these seeds only (e.g. one per core; merge the --out files with --merge)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
-                        help="print the table and plot of these --out files instead of running")
+                        help="instead of running: one table, plot and MLflow parent for these --out files")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     parser.add_argument("--cache", type=Path, default=REPO / ".lesionflow" / "bench-learning-curve")
@@ -162,18 +191,13 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
     args = parser.parse_args()
 
+    cache = args.cache.resolve()
+    params = harness.load_params("kvasir-seg", cache, "learning-curve-bench", [*DEFAULTS, *args.set])
     if args.merge:
-        parts = [json.loads(p.read_text()) for p in args.merge]
-        results = {**parts[0], "seeds": sorted(s for p in parts for s in p["seeds"]),
-                   "runs": [r for p in parts for r in p["runs"]]}
-        print(table(results))
-        if args.plot:
-            plot(results, args.plot)
+        merge([json.loads(p.read_text()) for p in args.merge], params, args.plot, args.out)
         return
 
     torch.set_num_threads(args.threads)
-    cache = args.cache.resolve()
-    params = harness.load_params("kvasir-seg", cache, "learning-curve-bench", [*DEFAULTS, *args.set])
     strategy = args.strategy or params.review.strategy
     tracking.connect(params)
     dataset, _ = cached_dataset(params, cache)
