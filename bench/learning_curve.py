@@ -15,7 +15,7 @@ Protocol (issue 14), all through the package's own code:
    - ``random``: a seeded draw (the baseline);
    - ``queue``: ``lesionflow review next``'s ranking — every pool image's TTA uncertainty under
      this round's model (``review.score_pool``) ranked and picked by ``--strategy`` (default
-     ``review.strategy``);
+     ``diversity-weighted``);
 4. both arms share each seed's round 0 (same start, same model); seeds change the starting pool,
    the initial weights, the data order and the augmentation.
 
@@ -179,7 +179,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="images labelled per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of labelling after the start")
     parser.add_argument("--images", type=int, default=3200, help="images seen per training, every round")
-    parser.add_argument("--strategy", default=None, help="the queue's strategy (default review.strategy)")
+    parser.add_argument("--strategy", default="diversity-weighted", choices=["entropy", "tta", "diversity-weighted"],
+                        help="the queue's strategy")
     parser.add_argument("--seed-list", type=int, nargs="+", default=None,
                         help="run these seeds only (e.g. one per core; merge the --out files with --merge)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -198,7 +199,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    strategy = args.strategy or params.review.strategy
+    strategy = args.strategy
     tracking.connect(params)
     dataset, _ = cached_dataset(params, cache)
     records = read_manifest(dataset)
@@ -242,7 +243,9 @@ def main() -> None:
                         if round_ < args.rounds:
                             taken = {r.id for r in chosen}
                             pool = [r for r in train_records if r.id not in taken]
-                            chosen += pick(arm, model, params, dataset, pool, args.batch, seed * 100 + round_, strategy)
+                            picked = pick(arm, model, params, dataset, pool, args.batch, seed * 100 + round_, strategy)
+                            row["picked"] = [r.id for r in picked]  # what the next round adds, to inspect
+                            chosen += picked
                         print(f"{arm:<6} seed {seed} round {round_}: {row['labelled']} labelled, val Dice "
                               f"{row['val_dice']:.3f}, test Dice {row['test_dice']:.3f} "
                               f"({time.monotonic() - t0:.0f} s)", flush=True)

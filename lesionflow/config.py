@@ -492,8 +492,10 @@ class ReviewConfig(_Section):
     """``lesionflow review next``: which images reviewers label next (``lesionflow/review``)."""
 
     strategy: Literal["random", "entropy", "tta", "diversity-weighted"] = Field(
-        "diversity-weighted", description="random | entropy (predictive entropy) | tta (TTA "
-        "disagreement) | diversity-weighted (all three uncertainties, then spread over videos)")
+        "random", description="random (what to label to learn fastest: it beat diversity-weighted "
+        "on the Kvasir-SEG learning curve, bench/learning_curve.py) | entropy (predictive entropy) | "
+        "tta (TTA disagreement) | diversity-weighted (all three uncertainties, then spread over "
+        "videos: the model's likely failures first)")
     diversity_weight: float = Field(
         0.7, ge=0, le=1, description="diversity-weighted: each pick from a video (or of a near-"
         "duplicate image) already in the batch scales a candidate's score by (1 - weight)")

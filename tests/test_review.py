@@ -396,7 +396,8 @@ def test_review_next_writes_the_batch_with_the_champions_masks_and_logs_it(regis
     root, cli_args, params = registered
     data = dataset(tmp_path / "dataset")
     out = tmp_path / "batch"
-    assert main(["review", "next", "--n", "4", "--dataset", str(data), "--out", str(out), *cli_args]) == 0
+    assert main(["review", "next", "--n", "4", "--strategy", "diversity-weighted", "--dataset", str(data),
+                 "--out", str(out), *cli_args]) == 0
 
     batch = json.loads((out / BATCH).read_text())
     assert set(batch) == {"strategy", "model_version", "created", "items"}
