@@ -1,0 +1,93 @@
+"""The experiment harness (bench/experiment.py): specs, run keys, the choice on validation, the
+table and the README blocks it generates."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import experiment  # noqa: E402
+
+SPECS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def write_spec(tmp_path: Path, **changes) -> Path:
+    spec = {"name": "demo", "kind": "weak", "dataset": "kvasir-seg", "seeds": [0, 1],
+            "arms": {"full": {"labels": "full"}, "weak": {"labels": "weak", "group": "g", "baseline": "full"}}}
+    spec.update(changes)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_spec_loads_with_valid_overrides_and_has_a_readme_block(spec_path, tmp_path):
+    spec = experiment.load_spec(spec_path)
+    for arm in spec["arms"].values():  # config.load names any unknown key or bad value
+        experiment.arm_params(spec, arm, tmp_path, [])
+    readme = (REPO / "README.md").read_text()
+    assert f"<!-- experiment:{spec['name']} -->" in readme and f"<!-- /experiment:{spec['name']} -->" in readme
+
+
+def test_spec_errors_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="missing"):
+        experiment.load_spec(_without(tmp_path, "seeds"))
+    with pytest.raises(SystemExit, match="kind 'nope'"):
+        experiment.load_spec(write_spec(tmp_path, kind="nope"))
+    bad = {"weak": {"labels": "weak", "baseline": "missing"}}
+    with pytest.raises(SystemExit, match="baseline 'missing'"):
+        experiment.load_spec(write_spec(tmp_path, arms=bad))
+
+
+def _without(tmp_path: Path, key: str) -> Path:
+    path = write_spec(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    del spec[key]
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_run_key_changes_with_what_changes_results_only(tmp_path):
+    spec = experiment.load_spec(write_spec(tmp_path))
+    arm = spec["arms"]["weak"]
+    key = experiment.run_key(spec, arm, 0, "data", "code")
+    assert key == experiment.run_key(spec, {**arm, "label": "renamed", "group": "other"}, 0, "data", "code")
+    assert key != experiment.run_key(spec, {**arm, "set": ["weak_label.size_weight=1"]}, 0, "data", "code")
+    assert key != experiment.run_key(spec, arm, 1, "data", "code")
+    assert key != experiment.run_key(spec, arm, 0, "other data", "code")
+    assert key != experiment.run_key(spec, arm, 0, "data", "changed code")
+    assert key != experiment.run_key({**spec, "set": ["train.epochs=2"]}, arm, 0, "data", "code")
+
+
+def results(**arms) -> dict:
+    return {"name": "demo", "arms": {name: {"label": name, "group": group, "baseline": baseline,
+                                            "runs": {s: {"val_dice": v, "test_dice": t} for s, (v, t) in runs.items()}}
+                                     for name, (group, baseline, runs) in arms.items()}}
+
+
+def test_the_choice_is_made_on_validation_not_test():
+    found = results(full=("", None, {0: (0.8, 0.8)}),
+                    a=("g", "full", {0: (0.6, 0.7), 1: (0.6, 0.7)}),   # better on test
+                    b=("g", "full", {0: (0.65, 0.5), 1: (0.65, 0.5)}),  # better on validation
+                    c=("h", "full", {0: (0.1, 0.1)}))
+    assert experiment.chosen_arms(found) == {"b", "c"}
+    text = experiment.table(found, {})
+    row_b = next(line for line in text.splitlines() if line.startswith("| **b**"))
+    assert "(chosen on val)" in row_b
+    assert "0.625" in row_b  # test / baseline: 0.5 / 0.8 per seed
+    assert "| a |" in text and "0.875" in text
+
+
+def test_readme_block_is_rewritten_in_place(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- experiment:demo -->\nold\n<!-- /experiment:demo -->\nafter\n")
+    experiment.write_readme_block("demo", "| new |", readme)
+    assert readme.read_text() == "before\n<!-- experiment:demo -->\n| new |\n<!-- /experiment:demo -->\nafter\n"
+    with pytest.raises(SystemExit, match="no <!-- experiment:other -->"):
+        experiment.write_readme_block("other", "x", readme)
