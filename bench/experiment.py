@@ -12,8 +12,10 @@ validation Dice is the one chosen; the test split is scored for every run but ch
 
 ``run`` logs one MLflow run per (arm, seed), tagged with the experiment's name and the run's key —
 a digest of the dataset, the arm's overrides, the shared overrides, the seed and the package code —
-and skips a pair whose key already has a finished run, so it resumes after a crash and one
-process per core can share an MLflow server (``--set runtime.mlflow_tracking_uri=http://…``).
+and skips a pair whose key already has a finished run or that another process is running (a file
+lock per key in the cache), so it resumes after a crash, and processes started side by side (one
+per core, ``taskset``) share out the pairs; on one MLflow server
+(``--set runtime.mlflow_tracking_uri=http://…``) their runs land in one place.
 ``report`` reads the finished runs with the current keys (a changed arm or package re-runs, never
 mixes), logs a summary run holding the table, ``results.json`` and the plot with the arm runs
 nested under it, and with ``--readme`` rewrites the README block between
@@ -32,15 +34,17 @@ import mlflow
 import numpy as np
 import torch
 import yaml
+from filelock import FileLock, Timeout
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
+from bench.video_propagation import run_arm as propagation_arm  # noqa: E402
 from bench.weak_vs_full import run_arm as weak_arm  # noqa: E402
 from lesionflow import tracking  # noqa: E402
 
-KINDS = {"weak": weak_arm}  # kind → run_arm(params, dataset dir, arm spec, seed, cache) → metrics
+KINDS = {"weak": weak_arm, "propagation": propagation_arm}  # kind → run_arm(params, dataset dir, arm spec, seed, cache) → metrics
 
 
 def load_spec(path: Path) -> dict:
@@ -80,26 +84,36 @@ def run(spec: dict, args) -> None:
     code = harness.code_digest(["**/*.py"])
     seeds = args.seeds if args.seeds is not None else spec["seeds"]
     arms = args.arms or list(spec["arms"])
-    first = arm_params(spec, spec["arms"][arms[0]], cache, args.set)
-    tracking.connect(first)
-    done = {r.data.tags.get("key") for r in finished_runs(spec)}
+    tracking.connect(arm_params(spec, spec["arms"][arms[0]], cache, args.set))
+    (cache / "claims").mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         for name in arms:
             arm = spec["arms"][name]
             params = arm_params(spec, arm, cache, args.set)
             dataset, dataset_key = harness.cached_dataset(params, cache)
             key = run_key(spec, arm, seed, dataset_key, code)
-            if key in done:
-                print(f"{name} seed {seed}: already run (key {key})", flush=True)
+            # a pair being run by another process on this cache holds its lock: skip it (the
+            # lock is the OS's, so a killed process frees it and the pair runs again later)
+            lock = FileLock(cache / "claims" / f"{key}.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                print(f"{name} seed {seed}: being run by another process", flush=True)
                 continue
-            t0 = time.monotonic()
-            with mlflow.start_run(run_name=f"{spec['name']}: {name} seed {seed}"):
-                mlflow.set_tags({"experiment": spec["name"], "arm": name, "seed": str(seed), "key": key,
-                                 "code": code, "group": arm["group"]})
-                mlflow.log_params({"overrides": " ".join([*spec.get("set", []), *arm["set"], *args.set])[:6000],
-                                   **{k: v for k, v in arm.items() if k not in ("set", "group", "label")}})
-                metrics = KINDS[spec["kind"]](params, dataset, arm, seed, cache)
-                mlflow.log_metrics({**metrics, "minutes": (time.monotonic() - t0) / 60})
+            try:
+                if key in {r.data.tags.get("key") for r in finished_runs(spec)}:
+                    print(f"{name} seed {seed}: already run (key {key})", flush=True)
+                    continue
+                t0 = time.monotonic()
+                with mlflow.start_run(run_name=f"{spec['name']}: {name} seed {seed}"):
+                    mlflow.set_tags({"experiment": spec["name"], "arm": name, "seed": str(seed), "key": key,
+                                     "code": code, "group": arm["group"]})
+                    mlflow.log_params({"overrides": " ".join([*spec.get("set", []), *arm["set"]])[:6000],
+                                       **{k: v for k, v in arm.items() if k not in ("set", "group", "label")}})
+                    metrics = KINDS[spec["kind"]](params, dataset, arm, seed, cache)
+                    mlflow.log_metrics({**metrics, "minutes": (time.monotonic() - t0) / 60})
+            finally:
+                lock.release()
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
                   + f" ({(time.monotonic() - t0) / 60:.1f} min)", flush=True)
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from lesionflow import config
 from lesionflow.steps.ingest import build_dataset
@@ -49,10 +50,12 @@ def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
     key = digest(params.ingest.model_dump(), params.seed, (source / "MANIFEST.sha256").read_text(),
                  code_digest(INGEST_CODE))
     out = cache / "datasets" / f"{source.name}-{key}"
-    if not out.is_dir():
-        t0 = time.monotonic()
-        build_dataset(params, out)
-        print(f"ingested {source.name} in {time.monotonic() - t0:.0f} s → {out}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):  # processes side by side build it once
+        if not out.is_dir():
+            t0 = time.monotonic()
+            build_dataset(params, out)
+            print(f"ingested {source.name} in {time.monotonic() - t0:.0f} s → {out}", flush=True)
     return out, key
 
 

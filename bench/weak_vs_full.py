@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
+from filelock import FileLock
 
 from bench.harness import digest
 from lesionflow.config import Params
@@ -36,9 +38,16 @@ def weak_dataset(dataset: Path, noise: float, cache: Path) -> Path:
     """``dataset`` with every train mask turned into its area ratio (± ``noise``, drawn once: the
     training seeds share it), cached next to it."""
     out = cache / "datasets" / f"{dataset.name}-weak-{digest(noise)}"
-    if not out.is_dir():
-        weaken(dataset, out, noise=noise, seed=0)
+    with FileLock(f"{out}.lock"):
+        if not out.is_dir():
+            weaken(dataset, out, noise=noise, seed=0)
     return out
+
+
+def log_epoch(row: dict) -> None:
+    """Each epoch's numbers in the active MLflow run, stepped by epoch (the chart view's curves)."""
+    mlflow.log_metrics({f"epoch/{k}": float(v) for k, v in row.items()
+                        if isinstance(v, (int, float)) and k != "epoch"}, step=int(row["epoch"]))
 
 
 def run_arm(params: Params, dataset: Path, arm: dict, seed: int, cache: Path) -> dict[str, float]:
@@ -56,12 +65,14 @@ def run_arm(params: Params, dataset: Path, arm: dict, seed: int, cache: Path) ->
     metrics: dict[str, float] = {}
     if labels == "full":
         train = SegmentationDataset(data, labelled(records, "train"), model, augment=params.train.augment, seed=seed)
-        metrics["val_dice"] = fit(model, train, val_set, params.train, seed=seed).best_val_dice
+        metrics["val_dice"] = fit(model, train, val_set, params.train, seed=seed,
+                                  on_epoch=log_epoch).best_val_dice
     else:
         weak = [r for r in records if r.kind == "weak"]
         train = WeakTrainingSet(data, [], weak, model, params.weak_label.default_error,
                                 augment=params.train.augment, seed=seed)
-        fitted = fit_weak(model, train, params.weak_label, params.train, seed=seed, val=val_set)
+        fitted = fit_weak(model, train, params.weak_label, params.train, seed=seed, val=val_set,
+                          on_epoch=log_epoch)
         metrics["val_dice"] = fitted.best_val_dice
         truth = {r.id: r for r in labelled(read_manifest(dataset), "train")}
         size = params.train.image_size
