@@ -11,7 +11,8 @@ validation Dice is the one chosen; the test split is scored for every run but ch
     python bench/experiment.py report experiments/weak-kvasir.yaml [--readme] [--plot F.png]
 
 ``run`` logs one MLflow run per (arm, seed), tagged with the experiment's name and the run's key —
-a digest of the dataset, the arm's overrides, the shared overrides, the seed and the package code —
+a digest of the dataset, the resolved params, what the kind reads from the arm, the seed and the
+package code —
 and skips a pair whose key already has a finished run or that another process is running (a file
 lock per key in the cache), so it resumes after a crash, and processes started side by side (one
 per core, ``taskset``) share out the pairs; on one MLflow server
@@ -67,10 +68,18 @@ def arm_params(spec: dict, arm: dict, cache: Path, overrides: list[str]):
                                [*spec.get("set", []), *arm["set"], *overrides])
 
 
-def run_key(spec: dict, arm: dict, seed: int, dataset_key: str, code: str) -> str:
-    """Everything that changes a run's result; the package is hashed whole."""
-    what = {k: v for k, v in arm.items() if k not in ("group", "label", "baseline")}
-    return harness.digest(spec["kind"], spec["dataset"], spec.get("set", []), what, seed, dataset_key, code)
+def package_code() -> str:
+    """The package's code but ``config.py``: what its defaults change shows in the resolved params,
+    so changing a default an arm does not use keeps that arm's runs."""
+    return harness.code_digest(["**/*.py"], exclude=["config.py"])
+
+
+def run_key(spec: dict, arm: dict, params, seed: int, dataset_key: str, code: str) -> str:
+    """Everything that changes a run's result: the resolved params (where things live aside), what
+    the kind reads from the arm, the seed, the dataset and the package code."""
+    reads = {k: v for k, v in arm.items() if k not in ("set", "group", "label", "baseline")}
+    return harness.digest(spec["kind"], params.model_dump(mode="json", exclude={"runtime"}), reads, seed,
+                          dataset_key, code)
 
 
 def finished_runs(spec: dict) -> list:
@@ -81,7 +90,7 @@ def finished_runs(spec: dict) -> list:
 def run(spec: dict, args) -> None:
     cache = args.cache.resolve()
     torch.set_num_threads(args.threads)
-    code = harness.code_digest(["**/*.py"])
+    code = package_code()
     seeds = args.seeds if args.seeds is not None else spec["seeds"]
     arms = args.arms or list(spec["arms"])
     tracking.connect(arm_params(spec, spec["arms"][arms[0]], cache, args.set))
@@ -91,7 +100,7 @@ def run(spec: dict, args) -> None:
             arm = spec["arms"][name]
             params = arm_params(spec, arm, cache, args.set)
             dataset, dataset_key = harness.cached_dataset(params, cache)
-            key = run_key(spec, arm, seed, dataset_key, code)
+            key = run_key(spec, arm, params, seed, dataset_key, code)
             # a pair being run by another process on this cache holds its lock: skip it (the
             # lock is the OS's, so a killed process frees it and the pair runs again later)
             lock = FileLock(cache / "claims" / f"{key}.lock")
@@ -120,14 +129,15 @@ def run(spec: dict, args) -> None:
 
 def collect(spec: dict, cache: Path, overrides: list[str]) -> dict:
     """The finished runs of the spec's arms and seeds whose key matches the current code."""
-    code = harness.code_digest(["**/*.py"])
+    code = package_code()
     by_key = {r.data.tags["key"]: r for r in finished_runs(spec)}
     results: dict = {"name": spec["name"], "arms": {}, "seeds": spec["seeds"], "code": code}
     for name, arm in spec["arms"].items():
-        _, dataset_key = harness.cached_dataset(arm_params(spec, arm, cache, overrides), cache)
+        params = arm_params(spec, arm, cache, overrides)
+        _, dataset_key = harness.cached_dataset(params, cache)
         rows = {}
         for seed in spec["seeds"]:
-            found = by_key.get(run_key(spec, arm, seed, dataset_key, code))
+            found = by_key.get(run_key(spec, arm, params, seed, dataset_key, code))
             if found is not None:
                 rows[seed] = {**found.data.metrics, "run_id": found.info.run_id}
         results["arms"][name] = {"label": arm.get("label", name), "group": arm["group"],

@@ -30,8 +30,8 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def code_digest(patterns: list[str]) -> str:
-    files = sorted(f for p in patterns for f in PACKAGE.glob(p))
+def code_digest(patterns: list[str], exclude: list[str] = ()) -> str:
+    files = sorted(f for p in patterns for f in PACKAGE.glob(p) if str(f.relative_to(PACKAGE)) not in exclude)
     return digest([(str(f.relative_to(PACKAGE)), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files])
 
 

@@ -56,13 +56,22 @@ def _without(tmp_path: Path, key: str) -> Path:
 def test_run_key_changes_with_what_changes_results_only(tmp_path):
     spec = experiment.load_spec(write_spec(tmp_path))
     arm = spec["arms"]["weak"]
-    key = experiment.run_key(spec, arm, 0, "data", "code")
-    assert key == experiment.run_key(spec, {**arm, "label": "renamed", "group": "other"}, 0, "data", "code")
-    assert key != experiment.run_key(spec, {**arm, "set": ["weak_label.size_weight=1"]}, 0, "data", "code")
-    assert key != experiment.run_key(spec, arm, 1, "data", "code")
-    assert key != experiment.run_key(spec, arm, 0, "other data", "code")
-    assert key != experiment.run_key(spec, arm, 0, "data", "changed code")
-    assert key != experiment.run_key({**spec, "set": ["train.epochs=2"]}, arm, 0, "data", "code")
+
+    def key(arm=arm, seed=0, data="data", code="code", spec=spec, where=()):
+        params = experiment.arm_params(spec, arm, tmp_path, list(where))
+        return experiment.run_key(spec, arm, params, seed, data, code)
+
+    base = key()
+    assert base == key(arm={**arm, "label": "renamed", "group": "other"})
+    assert base == key(where=["runtime.mlflow_tracking_uri=http://elsewhere:5000"])
+    # an override that restates a default resolves to the same params: the same run
+    assert base == key(arm={**arm, "set": ["weak_label.size_weight=0"]})
+    assert base != key(arm={**arm, "set": ["weak_label.size_weight=1"]})
+    assert base != key(arm={**arm, "noise": 0.05})
+    assert base != key(seed=1)
+    assert base != key(data="other data")
+    assert base != key(code="changed code")
+    assert base != key(spec={**spec, "set": ["train.epochs=2"]})
 
 
 def results(**arms) -> dict:
