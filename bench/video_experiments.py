@@ -1,13 +1,10 @@
 """Video synthesis on real video: CVC-ClinicDB (29 colonoscopy sequences, a mask on every frame),
 split by sequence with the pipeline's own ingest.
 
-    python bench/video_experiments.py propagation [--set video.key=value ...]
-    python bench/video_experiments.py mixin [--set ...]
+    python bench/video_experiments.py mixin [--set video.key=value ...]
 
-``propagation``: train G on the training sequences, then on the held-out (val + test) sequences
-hide every mask but the key frame's, roll it through the video, and compare with copying the key
-mask unchanged to every frame (the trivial baseline): Dice per distance from the key frame, at
-each frame's own resolution. Also prints how alike consecutive frames are (d = SSIM).
+(Propagation through held-out sequences — G vs copying the key mask vs an optical-flow warp — is
+the ``propagation`` kind of ``bench/experiment.py``, ``experiments/video-cvc.yaml``.)
 
 ``mixin``: plain U-Net training on the training frames vs the same plus ``video.mix_ratio``
 synthetic video frames rolled by G from training frames, with the same budget in optimizer
@@ -32,7 +29,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from PIL import Image
 
 from lesionflow import config
 from lesionflow.data.fingerprint import compute_fingerprint
@@ -49,8 +45,6 @@ from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.synthesize_video import synthesize_frames
 from lesionflow.steps.train import new_segmenter
 from lesionflow.training import SegmentationDataset, fit, labelled
-from lesionflow.video.losses import similarity
-from lesionflow.video.synthesis import propagate_masks
 from lesionflow.video.train import (
     load_next_frame,
     load_video,
@@ -63,7 +57,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LESIONFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 SYNTHESIS_ONLY = {"mix_ratio", "synth_steps", "keep", "every_k", "keep_threshold", "propagate",
                   "n_rollouts_logged"}
-BUCKETS = [(1, 1), (2, 2), (3, 3), (4, 5), (6, 10), (11, 99)]
 
 
 def load_params(size: int, overrides: list[str]) -> config.Params:
@@ -99,42 +92,6 @@ def trained_g(params: config.Params, data: Path, work: Path):
               f"{k} {np.mean([r[k] for r in result.history[-20:]]):.3f}" for k in ("image", "mask1", "mask2", "truth")))
     save_next_frame(model, path)
     return model
-
-
-def propagation(params: config.Params, work: Path) -> None:
-    data = dataset(params, work)
-    model = trained_g(params, data, work)
-    records = read_manifest(data)
-    per = defaultdict(lambda: {"model": [], "copy": []})
-    ssim_steps = []
-    for split in ("val", "test"):
-        for name, frames in video_groups(records, split).items():
-            video = load_video(data, name, frames, params.video, hide_masks=True)
-            f = torch.from_numpy(video.frames)
-            ssim_steps += similarity(f[:-1], f[1:], "ssim").tolist()
-            probs = propagate_masks(model, video.frames, video.masks[video.key], video.key)
-            key_truth = load_mask(data, frames[video.key])
-            for t, r in enumerate(frames):
-                if t == video.key:
-                    continue
-                truth = load_mask(data, r)
-                pred = np.asarray(Image.fromarray(probs[t, 0]).resize((r.width, r.height), Image.BILINEAR)) > 0.5
-                dist = abs(t - video.key)
-                bucket = next(b for b in BUCKETS if b[0] <= dist <= b[1])
-                per[bucket]["model"].append(dice(pred, truth))
-                per[bucket]["copy"].append(dice(key_truth, truth))
-    print(f"consecutive held-out frames: SSIM median {np.median(ssim_steps):.3f}, "
-          f"10th pct {np.percentile(ssim_steps, 10):.3f} (at {params.video.image_size}²)")
-    print("distance from key | n   | propagated Dice | copy-key Dice")
-    all_m, all_c = [], []
-    for b in BUCKETS:
-        if per[b]["model"]:
-            m, c = per[b]["model"], per[b]["copy"]
-            all_m += m
-            all_c += c
-            label = f"{b[0]}" if b[0] == b[1] else f"{b[0]}-{b[1]}"
-            print(f"{label:>17} | {len(m):3d} | {np.mean(m):.3f}           | {np.mean(c):.3f}")
-    print(f"{'all':>17} | {len(all_m):3d} | {np.mean(all_m):.3f}           | {np.mean(all_c):.3f}")
 
 
 def _score(model, data: Path, records, threshold: float) -> tuple[float, float, float]:
@@ -196,7 +153,7 @@ def mixin(params: config.Params, work: Path, epochs: int, seeds: list[int]) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["propagation", "mixin"])
+    parser.add_argument("experiment", choices=["mixin"])
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=8, help="mixin: budget in epochs over the real frames")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="mixin: training seeds")
@@ -206,10 +163,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     params = load_params(args.size, args.overrides)
-    if args.experiment == "propagation":
-        propagation(params, args.work)
-    else:
-        mixin(params, args.work, args.epochs, args.seeds)
+    mixin(params, args.work, args.epochs, args.seeds)
 
 
 if __name__ == "__main__":
