@@ -93,8 +93,9 @@ def run(spec: dict, args) -> None:
     code = package_code()
     seeds = args.seeds if args.seeds is not None else spec["seeds"]
     arms = args.arms or list(spec["arms"])
-    tracking.connect(arm_params(spec, spec["arms"][arms[0]], cache, args.set))
     (cache / "claims").mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / "mlflow.lock"):  # side by side on a new store: one creates its tables
+        tracking.connect(arm_params(spec, spec["arms"][arms[0]], cache, args.set))
     for seed in seeds:
         for name in arms:
             arm = spec["arms"][name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lesionflow import config
 from lesionflow.steps.ingest import build_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("LESIONFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 PACKAGE = REPO / "lesionflow"
 # the package code a cached dataset depends on besides its params
 INGEST_CODE = ["data/*.py", "steps/ingest.py"]

@@ -6,8 +6,8 @@ One arm run, through the package's own functions as the pipeline runs them:
 1. the dataset, ingested once and cached (``harness.cached_dataset``);
 2. ``labels: full``: plain supervised training on the train masks (``training.fit``);
    ``labels: weak``: the train masks become their lesion area ratios (``weaken``; ``noise`` adds
-   uniform error up to that much and records it as the estimate error e; val/test keep their
-   masks), then ``weak.train.fit_weak`` on the ratios alone (superpixels → graph → GCN → count
+   uniform error up to that much and records it as the estimate error e, or ``error`` if given;
+   val/test keep their masks), then ``weak.train.fit_weak`` on the ratios alone (superpixels → graph → GCN → count
    rule, re-ranked every epoch) — the same network, image size, batch, LR schedule and epochs;
    both keep the weights of their best validation-Dice epoch;
 3. scored on the test split at native resolution (``evaluate.score_model``), per lesion type too;
@@ -34,13 +34,13 @@ from lesionflow.training import SegmentationDataset, fit, labelled, seed_everyth
 from lesionflow.weak.train import WeakTrainingSet, fit_weak
 
 
-def weak_dataset(dataset: Path, noise: float, cache: Path) -> Path:
+def weak_dataset(dataset: Path, noise: float, error: float | None, cache: Path) -> Path:
     """``dataset`` with every train mask turned into its area ratio (± ``noise``, drawn once: the
-    training seeds share it), cached next to it."""
-    out = cache / "datasets" / f"{dataset.name}-weak-{digest(noise)}"
+    training seeds share it) and estimate error ``error`` (default: ``noise``), cached next to it."""
+    out = cache / "datasets" / f"{dataset.name}-weak-{digest(noise, error)}"
     with FileLock(f"{out}.lock"):
         if not out.is_dir():
-            weaken(dataset, out, noise=noise, seed=0)
+            weaken(dataset, out, noise=noise, error=error, seed=0)
     return out
 
 
@@ -57,7 +57,7 @@ def run_arm(params: Params, dataset: Path, arm: dict, seed: int, cache: Path) ->
     if labels not in ("full", "weak"):
         raise SystemExit(f"labels must be full or weak, not {labels!r}")
     seed_everything(seed, params.train.deterministic)
-    data = dataset if labels == "full" else weak_dataset(dataset, float(arm.get("noise", 0.0)), cache)
+    data = dataset if labels == "full" else weak_dataset(dataset, float(arm.get("noise", 0.0)), arm.get("error"), cache)
     records = read_manifest(data)
     val, test = labelled(records, "val"), labelled(records, "test")
     model = new_segmenter(params, data)

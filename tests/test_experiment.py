@@ -3,6 +3,9 @@ table and the README blocks it generates."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import experiment  # noqa: E402
+from tests.conftest import SHARED_DATA, shared_dataset  # noqa: E402
 
 SPECS = sorted((REPO / "experiments").glob("*.yaml"))
 
@@ -100,3 +104,30 @@ def test_readme_block_is_rewritten_in_place(tmp_path):
     assert readme.read_text() == "before\n<!-- experiment:demo -->\n| new |\n<!-- /experiment:demo -->\nafter\n"
     with pytest.raises(SystemExit, match="no <!-- experiment:other -->"):
         experiment.write_readme_block("other", "x", readme)
+
+
+@pytest.mark.slow
+def test_two_processes_side_by_side_run_each_pair_once_and_the_report_finds_them(tmp_path):
+    """Real processes: two `run`s of one spec start together on one cache; every (arm, seed) is
+    run exactly once (the per-key lock), and `report` finds them all under the current keys."""
+    shared_dataset("cvc-clinicdb")
+    spec = tmp_path / "side-by-side.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "side-by-side", "kind": "propagation", "dataset": "cvc-clinicdb", "seeds": [0, 1],
+        "set": ["video.image_size=32", "video.depth=2", "video.key_frames=auto"],
+        "arms": {"copy": {"method": "copy"}, "flow": {"method": "flow", "group": "g", "baseline": "copy"}}}))
+    command = [sys.executable, str(REPO / "bench" / "experiment.py"), "run", str(spec), "--cache", str(tmp_path / "cache")]
+    env = {**os.environ, "LESIONFLOW_SHARED_DATA": str(SHARED_DATA)}
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ran = [line for out in outputs for line in out.splitlines() if re.match(r"(copy|flow) seed \d: val_dice", line)]
+    assert sorted(line.split(":")[0] for line in ran) == ["copy seed 0", "copy seed 1", "flow seed 0", "flow seed 1"]
+
+    report = subprocess.run([*command[:2], "report", str(spec), "--cache", str(tmp_path / "cache")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert report.returncode == 0, report.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| arm")}
+    assert rows == {"copy": "2", "**flow** (chosen on val)": "2"}
