@@ -46,6 +46,12 @@ from bench.weak_vs_full import run_arm as weak_arm  # noqa: E402
 from lesionflow import tracking  # noqa: E402
 
 KINDS = {"weak": weak_arm, "propagation": propagation_arm}  # kind → run_arm(params, dataset dir, arm spec, seed, cache) → metrics
+ARM_BOOKKEEPING = ("set", "group", "label", "baseline")  # an arm's keys the kind does not read
+
+
+def arm_reads(arm: dict) -> dict:
+    """What the kind reads from an arm (``labels``, ``noise``, ``method``, …)."""
+    return {k: v for k, v in arm.items() if k not in ARM_BOOKKEEPING}
 
 
 def load_spec(path: Path) -> dict:
@@ -77,8 +83,7 @@ def package_code() -> str:
 def run_key(spec: dict, arm: dict, params, seed: int, dataset_key: str, code: str) -> str:
     """Everything that changes a run's result: the resolved params (where things live aside), what
     the kind reads from the arm, the seed, the dataset and the package code."""
-    reads = {k: v for k, v in arm.items() if k not in ("set", "group", "label", "baseline")}
-    return harness.digest(spec["kind"], params.model_dump(mode="json", exclude={"runtime"}), reads, seed,
+    return harness.digest(spec["kind"], params.model_dump(mode="json", exclude={"runtime"}), arm_reads(arm), seed,
                           dataset_key, code)
 
 
@@ -219,14 +224,9 @@ def report(spec: dict, args) -> None:
     text = table(results, spec)
     with mlflow.start_run(run_name=f"{spec['name']}: summary") as parent:
         mlflow.set_tags({"experiment_summary": spec["name"]})
-        for arm in results["arms"].values():
-            for row in arm["runs"].values():
-                mlflow.MlflowClient().set_tag(row["run_id"], "mlflow.parentRunId", parent.info.run_id)
-        mlflow.log_text(text, "table.md")
-        mlflow.log_dict(results, "results.json")
-        if args.plot:
-            plot(results, args.plot)
-            mlflow.log_artifact(str(args.plot))
+        harness.nest_under(parent.info.run_id,
+                           [row["run_id"] for arm in results["arms"].values() for row in arm["runs"].values()])
+        harness.log_report(text, "table.md", results, args.plot, plot)
     print(text)
     print(f"MLflow summary run {parent.info.run_id} (the arm runs nested under it)")
     if args.readme:

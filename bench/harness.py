@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import mlflow
 import numpy as np
 from filelock import FileLock
 
@@ -65,3 +67,21 @@ def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def log_report(text: str, text_name: str, results: dict, plot_path: Path | None,
+               draw: Callable[[dict, Path], None]) -> None:
+    """A comparison's table, ``results.json`` and (with ``plot_path``) its plot in the active run."""
+    mlflow.log_text(text, text_name)
+    mlflow.log_dict(results, "results.json")
+    if plot_path:
+        draw(results, plot_path)
+        mlflow.log_artifact(str(plot_path))
+
+
+def nest_under(parent_run_id: str, run_ids: Iterable[str]) -> None:
+    """Show runs made elsewhere (other processes, earlier sessions) nested under a parent: MLflow
+    nests by the ``mlflow.parentRunId`` tag."""
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)

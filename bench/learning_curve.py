@@ -156,16 +156,11 @@ def merge(parts: list[dict], params: Params, plot_path: Path | None, out: Path |
     tracking.connect(params)
     with mlflow.start_run(run_name=f"learning curve: {results['arm_labels']['queue']} vs random, "
                                    f"seeds {results['seeds']}") as parent:
-        for part in parts:
-            mlflow.MlflowClient().set_tag(part["parent_run_id"], "mlflow.parentRunId", parent.info.run_id)
+        harness.nest_under(parent.info.run_id, [part["parent_run_id"] for part in parts])
         results["parent_run_id"] = parent.info.run_id
         mlflow.log_params({"seeds": str(results["seeds"]), "images_per_round": results["images"],
                            "image_size": results["image_size"]})
-        mlflow.log_text(text, "learning_curve.md")
-        mlflow.log_dict(results, "results.json")
-        if plot_path:
-            plot(results, plot_path)
-            mlflow.log_artifact(str(plot_path))
+        harness.log_report(text, "learning_curve.md", results, plot_path, plot)
     print(text)
     print(f"MLflow parent run {parent.info.run_id} (the per-seed runs nested under it)")
     if out:
@@ -252,11 +247,7 @@ def main() -> None:
         results["total_seconds"] = time.monotonic() - started
         results["parent_run_id"] = parent.info.run_id
         text = table(results)
-        mlflow.log_text(text, "learning_curve.md")
-        mlflow.log_dict(results, "results.json")
-        if args.plot:
-            plot(results, args.plot)
-            mlflow.log_artifact(str(args.plot))
+        harness.log_report(text, "learning_curve.md", results, args.plot, plot)
     print(text)
     print(f"total {results['total_seconds'] / 60:.1f} min; MLflow parent run {results['parent_run_id']}")
     if args.out:

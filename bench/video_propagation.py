@@ -31,7 +31,7 @@ from lesionflow.data.transforms import load_image, load_mask, to_channels
 from lesionflow.metrics import dice
 from lesionflow.video.losses import similarity
 from lesionflow.video.synthesis import propagate_masks
-from lesionflow.video.train import load_video, train_next_frame, video_groups
+from lesionflow.video.train import Video, load_video, train_next_frame, video_groups
 
 METHODS = ("copy", "flow", "G")
 
@@ -54,11 +54,12 @@ def flow_warp(frames: list[np.ndarray], key_mask: np.ndarray, key: int) -> list[
     return out
 
 
-def consecutive_ssim(dataset: Path, records, split: str, params: Params) -> np.ndarray:
+def consecutive_ssim(videos: list[Video], kind: str) -> np.ndarray:
+    """Similarity d of every pair of consecutive frames in ``videos``."""
     values = []
-    for name, frames in video_groups(records, split).items():
-        f = torch.from_numpy(load_video(dataset, name, frames, params.video, hide_masks=True).frames)
-        values += similarity(f[:-1], f[1:], params.video.similarity).tolist()
+    for video in videos:
+        f = torch.from_numpy(video.frames)
+        values += similarity(f[:-1], f[1:], kind).tolist()
     return np.asarray(values)
 
 
@@ -67,20 +68,23 @@ def run_arm(params: Params, dataset: Path, arm: dict, seed: int, cache: Path) ->
     if method not in METHODS:
         raise SystemExit(f"method must be one of {METHODS}, not {method!r}")
     records = read_manifest(dataset)
+    # every mask but the key frame's hidden, decoded once for γ1 and for scoring
+    held_out = {split: [load_video(dataset, name, frames, params.video, hide_masks=True)
+                        for name, frames in video_groups(records, split).items()] for split in ("val", "test")}
     metrics: dict[str, float] = {}
     model = None
     if method == "G":
         cfg = params.video
         if "gamma1_quantile" in arm:
-            ssim = consecutive_ssim(dataset, records, "val", params)
+            ssim = consecutive_ssim(held_out["val"], cfg.similarity)
             cfg = cfg.model_copy(update={"gamma1": float(np.quantile(ssim, arm["gamma1_quantile"]))})
             metrics["gamma1"] = cfg.gamma1
         videos = [load_video(dataset, name, frames, cfg) for name, frames in video_groups(records, "train").items()]
         model, _ = train_next_frame(videos, cfg, seed=seed, device="cpu")
-    for split in ("val", "test"):
+    for split, videos in held_out.items():
         scores = []
-        for name, frames in video_groups(records, split).items():
-            video = load_video(dataset, name, frames, params.video, hide_masks=True)
+        for video in videos:
+            frames = video.records
             truths = [load_mask(dataset, r).astype(bool) for r in frames]
             if method == "copy":
                 preds = [truths[video.key]] * len(frames)
