@@ -41,11 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
+from bench.meta_arms import run_arm as meta_arm  # noqa: E402
 from bench.video_propagation import run_arm as propagation_arm  # noqa: E402
 from bench.weak_vs_full import run_arm as weak_arm  # noqa: E402
 from lesionflow import tracking  # noqa: E402
 
-KINDS = {"weak": weak_arm, "propagation": propagation_arm}  # kind → run_arm(params, dataset dir, arm spec, seed, cache) → metrics
+KINDS = {"weak": weak_arm, "propagation": propagation_arm, "meta": meta_arm}  # kind → run_arm(params, dataset dir, arm spec, seed, cache) → metrics
 ARM_BOOKKEEPING = ("set", "group", "label", "baseline")  # an arm's keys the kind does not read
 
 

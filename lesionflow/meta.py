@@ -167,7 +167,9 @@ def inner_adapt(model: nn.Module, params: Weights, buffers: Weights, scratch: We
     fast, first = params, None
     for step in range(inner_steps):
         loss = _loss(model, fast, buffers if step == 0 else scratch, batch, loss_fn)
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+        # unused weights (a ResUNet's deep-supervision heads: the loss reads the final logits)
+        # get zero gradients rather than an error
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph, materialize_grads=True)
         if create_graph:
             fast = {k: w - inner_lr * g for (k, w), g in zip(fast.items(), grads)}
         else:
@@ -197,7 +199,8 @@ def meta_step(model: nn.Module, optimizer: torch.optim.Optimizer, support: Batch
     if second:
         outer.backward()
     else:
-        for p, g in zip(params.values(), torch.autograd.grad(outer, list(fast.values()))):
+        for p, g in zip(params.values(), torch.autograd.grad(outer, list(fast.values()),
+                                                                  materialize_grads=True)):
             p.grad = g
     optimizer.step()
     return {"inner_loss": inner_loss, "outer_loss": outer.item()}

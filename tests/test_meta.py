@@ -25,6 +25,7 @@ from lesionflow.meta import (
     meta_train,
     order_tasks,
 )
+from lesionflow.models.resunet import ResUNet
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.unet import UNet
 from lesionflow.training import SegmentationDataset, validation_dice
@@ -125,6 +126,20 @@ def test_batchnorm_running_stats_only_see_the_original_weights():
               inner_steps=3)
     for (k, b), (_, ref) in zip(net.named_buffers(), plain.named_buffers()):
         assert torch.equal(b, ref), k
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_a_resunet_meta_steps_though_its_deep_supervision_heads_are_unused(order):
+    """The meta loss reads the final logits only: the auxiliary heads get no gradient, which
+    must leave them as they are, not stop training (it did: autograd refused unused weights)."""
+    net = Segmenter(ResUNet(1, 4, 2), 16, [0.5], [0.25]).double().train()
+    heads = [p.detach().clone() for p in net.net.aux_heads.parameters()]
+    head = net.net.head.weight.detach().clone()
+    support, query = batches()
+    meta_step(net, torch.optim.SGD(net.parameters(), lr=ETA), support, query, inner_lr=ALPHA,
+              inner_steps=2, order=order)
+    assert all(torch.equal(a, b) for a, b in zip(heads, net.net.aux_heads.parameters()))
+    assert not torch.equal(head, net.net.head.weight)
 
 
 def test_ascending_order_is_worst_first_and_follows_performance_at_rerank(monkeypatch):
