@@ -225,6 +225,8 @@ class TrainConfig(_Section):
         0, ge=0, description="DataLoader worker processes (0: load in the training process)")
     max_minutes: float | None = Field(
         None, gt=0, description="stop after the epoch that passes this wall time (null: no limit)")
+    bad_pseudo_labels: Literal["drop", "keep"] = Field(
+        "drop", description="drop (won on validation) | keep: pseudo-labels judged bad in plain training")
     init_from: str | None = Field(
         None, description="null: from scratch | champion | <version>: fine-tune its weights")
     deterministic: bool = Field(
@@ -270,7 +272,8 @@ class MetaTrainConfig(_Section):
     """MAML-style meta-training over good/bad task data (MISSION section 3)."""
 
     enabled: bool = Field(
-        True, description="false: plain supervised training (train section) instead")
+        False, description="true: meta-training | false (default; it won every comparison "
+        "measured): plain supervised training (train section)")
     task_by: Literal["lesion_type", "group"] = Field(
         "lesion_type", description="lesion_type | group: what one task (training dataset) is")
     outer_steps: int = Field(60, ge=1, description="outer (meta) steps, one task each")
@@ -644,6 +647,10 @@ class Params(_Section):
                             f"the {self.train.image_size}x{self.train.image_size} pixels of "
                             "train.image_size: lower n_superpixels or raise train.image_size")
         meta = self.meta_train
+        if meta.per_lesion_type and not meta.enabled:
+            problems.append("meta_train.per_lesion_type: true trains one meta-learned model per lesion "
+                            "type, but meta_train.enabled is false (plain training makes one model): "
+                            "set meta_train.enabled: true, or per_lesion_type: false")
         if (meta.enabled and meta.per_lesion_type and meta.task_by == "lesion_type"
                 and meta.query_from == "other_task"):
             problems.append("meta_train.query_from: other_task needs a second task, but with "

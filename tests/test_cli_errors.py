@@ -108,7 +108,8 @@ OVERRIDES = {
     "image size vs depth": (["model.depth=5", "train.image_size=32"], "set train.image_size to 64"),
     "serve sides": (["serve.min_side=5000"], "lower min_side or raise max_side"),
     "tracking store": (["runtime.mlflow_tracking_uri=ftp://host"], "set http(s)://host:port"),
-    "other_task per type": (["meta_train.per_lesion_type=true", "meta_train.query_from=other_task"],
+    "other_task per type": (["meta_train.enabled=true", "meta_train.per_lesion_type=true",
+                             "meta_train.query_from=other_task"],
                             "set meta_train.query_from: same_task"),
 }
 

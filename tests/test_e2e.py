@@ -72,9 +72,9 @@ def reviewer_batch(root: Path, stills: list[Path], masks_dir: Path, version: str
 
 
 # enough outer steps for a champion clearly better than an untrained network
-TRAINED = ("meta_train.outer_steps=30",)
+TRAINED = ("meta_train.enabled=true", "meta_train.outer_steps=30")
 # the same pipeline with one tiny outer step: a candidate the gate must refuse
-UNTRAINED = ("meta_train.outer_steps=1", "meta_train.outer_lr=0.000001")
+UNTRAINED = ("meta_train.enabled=true", "meta_train.outer_steps=1", "meta_train.outer_lr=0.000001")
 
 
 @pytest.mark.slow

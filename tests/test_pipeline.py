@@ -19,7 +19,7 @@ TINY = [
     "synthetic.n_images=24", "synthetic.n_videos=2", "synthetic.frames_per_video=4",
     "synthetic.size=64", "model.base_channels=8", "model.depth=2", "train.image_size=64",
     "train.epochs=3", "train.batch_size=8", "evaluate.n_overlays=2",
-    "meta_train.outer_steps=8", "meta_train.rerank_every=4", "meta_train.support_size=4",
+    "meta_train.enabled=true", "meta_train.outer_steps=8", "meta_train.rerank_every=4", "meta_train.support_size=4",
     "meta_train.query_size=4", "pseudo_label.hide_masks_fraction=0.3",
     "video.image_size=32", "video.base_channels=4", "video.depth=2", "video.max_steps=5",
 ]

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import mlflow
 import numpy as np
 import pytest
@@ -22,7 +25,7 @@ from lesionflow.steps.train import new_segmenter
 
 SMALL = ["synthetic.n_images=16", "synthetic.n_videos=1", "synthetic.frames_per_video=4",
          "synthetic.n_weak=0", "synthetic.size=32", "model.base_channels=4", "model.depth=1",
-         "train.image_size=32", "meta_train.outer_steps=4", "meta_train.rerank_every=2",
+         "train.image_size=32", "meta_train.enabled=true", "meta_train.outer_steps=4", "meta_train.rerank_every=2",
          "meta_train.support_size=2", "meta_train.query_size=2"]
 
 
@@ -216,3 +219,25 @@ def test_bad_pool_holds_only_model_made_masks_and_small_tasks_are_trained(small_
     # alone, the correction is its own support and query: it still trains
     solo, _ = meta_train_step.build_tasks(params, dataset, [edited[lone.id]], model)
     assert [t.name for t in solo] == ["new-type"] and list(solo[0].primary.good) == [0]
+
+
+@pytest.mark.parametrize("bad_pseudo_labels", ["drop", "keep"])
+def test_plain_training_drops_bad_pseudo_labels_unless_told_to_keep_them(small_project, tmp_path, bad_pseudo_labels):
+    """Plain training on labelled + good pseudo-labels won on validation (README, meta-busi):
+    by default the bad ones are not trained on, and the model's records say exactly what it saw."""
+    params, dataset = small_project
+    copy = tmp_path / "judged"
+    shutil.copytree(dataset, copy)
+    records = read_manifest(copy)
+    train_ids = sorted(r.id for r in records if r.split == "train" and r.mask is not None)
+    bad, good = set(train_ids[:3]), set(train_ids[3:5])
+    write_manifest(copy, [r.model_copy(update={"kind": "pseudo_label", "labelled_by": "m@1",
+                                               "quality": "bad" if r.id in bad else "good"})
+                          if r.id in bad | good else r for r in records])
+    plain = params.with_section("meta_train", enabled=False).with_section(
+        "train", epochs=1, bad_pseudo_labels=bad_pseudo_labels)
+    with mlflow.start_run():
+        meta_train_step.run(plain, copy, tmp_path / "model")
+    seen = {row["id"] for row in json.loads((tmp_path / "model" / lineage.RECORDS_FILE).read_text())}
+    assert good <= seen
+    assert (bad <= seen) == (bad_pseudo_labels == "keep") and (bad & seen == set()) == (bad_pseudo_labels == "drop")

@@ -86,6 +86,11 @@ class Record(BaseModel):
         None, description="pixel size (row, column) in mm of the stored image, where the source says")
 
 
+def is_bad(record: Record) -> bool:
+    """A model-made mask the pseudo_label step judged bad (ground truth and corrections never are)."""
+    return record.quality == "bad" and record.kind not in TRUSTED_KINDS
+
+
 def check_fresh(out_dir: Path) -> None:
     """Datasets are immutable once written: refuse to write into a non-empty folder."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

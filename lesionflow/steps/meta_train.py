@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 
 from lesionflow.config import Params
-from lesionflow.data.manifest import TRUSTED_KINDS, Record, read_manifest
+from lesionflow.data.manifest import Record, is_bad, read_manifest
 from lesionflow.data.shards import ShardSource
 from lesionflow.errors import ConfigError, EmptySplitError
 from lesionflow.lineage import RECORDS_FILE
@@ -25,7 +25,7 @@ from lesionflow.meta import MetaResult, Pool, Task, meta_train
 from lesionflow.models.router import LesionTypeRouter
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import ROUTER, save_model
-from lesionflow.steps.train import new_segmenter, train
+from lesionflow.steps.train import new_segmenter, plain_train_records, train
 from lesionflow.training import SegmentationDataset, labelled, seed_everything
 
 
@@ -64,10 +64,6 @@ def build_tasks(params: Params, dataset_dir: Path, records: list[Record],
             tasks.append(Task.split(name, data, good, bad, kinds=kinds, seed=params.seed))
         pools[name] = {"good": len(good), "bad": len(bad)}
     return tasks, pools
-
-
-def is_bad(record: Record) -> bool:
-    return record.quality == "bad" and record.kind not in TRUSTED_KINDS
 
 
 def merge_small_tasks(members: dict[str, list[int]], minimum: int = 2) -> dict[str, list[int]]:
@@ -134,9 +130,12 @@ def run(params: Params, dataset_dir: Path, out_dir: Path,
     mlflow.log_params({f"meta_train.{k}": v for k, v in mcfg.model_dump().items()})
     seed_everything(params.seed, params.train.deterministic)
     manifest = read_manifest(dataset_dir)
-    records, val_records = labelled(manifest, "train"), labelled(manifest, "val")
+    # meta-training feeds bad pseudo-labels to its bad pools; plain training drops them by default
+    records = labelled(manifest, "train") if mcfg.enabled else plain_train_records(params, manifest)
+    val_records = labelled(manifest, "val")
     if not records:
-        raise EmptySplitError("the train split has no labelled records to train on: give "
+        raise EmptySplitError("the train split has no labelled records to train on (pseudo-labels "
+                              "judged bad do not count unless train.bad_pseudo_labels: keep): give "
                               "ingest.split.train a share > 0 (or more groups), or add labelled images")
     write_training_records(out_dir, records + val_records)
     if params.cluster.train.num_nodes > 1:

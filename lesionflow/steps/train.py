@@ -8,7 +8,7 @@ import mlflow
 
 from lesionflow import registry
 from lesionflow.config import Params
-from lesionflow.data.manifest import read_fingerprint, read_manifest
+from lesionflow.data.manifest import Record, is_bad, read_fingerprint, read_manifest
 from lesionflow.data.shards import ShardSource, ShardStream
 from lesionflow.errors import EmptySplitError, WarmStartError
 from lesionflow.meta import sample_weights
@@ -143,6 +143,13 @@ def learning_curves(result: FitResult):
     return fig
 
 
+def plain_train_records(params: Params, records: list[Record]) -> list[Record]:
+    """The labelled train records plain training fits on: without the pseudo-labels judged bad
+    unless ``train.bad_pseudo_labels: keep`` (dropping them won on validation: README)."""
+    train = labelled(records, "train")
+    return train if params.train.bad_pseudo_labels == "keep" else [r for r in train if not is_bad(r)]
+
+
 def train(params: Params, dataset_dir: Path, out_dir: Path,
           train_shards: ShardSource | None = None) -> FitResult:
     """Fit on ``train``, select on ``val``, save the model to ``out_dir``; log to the active run.
@@ -156,7 +163,7 @@ def train(params: Params, dataset_dir: Path, out_dir: Path,
                               "validation Dice, but the val split has no labelled records: give "
                               "ingest.split.val a share > 0 (or more groups)")
     model = new_segmenter(params, dataset_dir)
-    train_records = labelled(records, "train")
+    train_records = plain_train_records(params, records)
     weights = sample_weights([r.kind for r in train_records], params.meta_train.correction_weight)
     if train_shards is None:
         train_set = SegmentationDataset(dataset_dir, train_records, model, augment=params.train.augment,
