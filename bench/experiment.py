@@ -100,12 +100,14 @@ def run(spec: dict, args) -> None:
     seeds = args.seeds if args.seeds is not None else spec["seeds"]
     arms = args.arms or list(spec["arms"])
     (cache / "claims").mkdir(parents=True, exist_ok=True)
+    # resolved once, at start: an edit to params.yaml or configs/ during a long run must not
+    # change (or break) the pairs still to come
+    resolved = {name: arm_params(spec, spec["arms"][name], cache, args.set) for name in arms}
     with FileLock(cache / "mlflow.lock"):  # side by side on a new store: one creates its tables
-        tracking.connect(arm_params(spec, spec["arms"][arms[0]], cache, args.set))
+        tracking.connect(resolved[arms[0]])
     for seed in seeds:
         for name in arms:
-            arm = spec["arms"][name]
-            params = arm_params(spec, arm, cache, args.set)
+            arm, params = spec["arms"][name], resolved[name]
             dataset, dataset_key = harness.cached_dataset(params, cache)
             key = run_key(spec, arm, params, seed, dataset_key, code)
             # a pair being run by another process on this cache holds its lock: skip it (the
