@@ -19,12 +19,15 @@ import mlflow
 import numpy as np
 from filelock import FileLock
 
+import lesionflow
 from lesionflow import config
 from lesionflow.steps.ingest import build_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LESIONFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
-PACKAGE = REPO / "lesionflow"
+# the package that runs, which is not always this checkout's: MLflow imports the installed one
+# at start-up (its store plugins), so a second checkout would otherwise hash code it does not run
+PACKAGE = Path(lesionflow.__file__).resolve().parent
 # the package code a cached dataset depends on besides its params
 INGEST_CODE = ["data/*.py", "steps/ingest.py"]
 
