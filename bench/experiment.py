@@ -75,12 +75,6 @@ def arm_params(spec: dict, arm: dict, cache: Path, overrides: list[str]):
                                [*spec.get("set", []), *arm["set"], *overrides])
 
 
-def package_code() -> str:
-    """The package's code but ``config.py``: what its defaults change shows in the resolved params,
-    so changing a default an arm does not use keeps that arm's runs."""
-    return harness.code_digest(["**/*.py"], exclude=["config.py"])
-
-
 def run_key(spec: dict, arm: dict, params, seed: int, dataset_key: str, code: str) -> str:
     """Everything that changes a run's result: the resolved params (where things live aside), what
     the kind reads from the arm, the seed, the dataset and the package code."""
@@ -96,7 +90,7 @@ def finished_runs(spec: dict) -> list:
 def run(spec: dict, args) -> None:
     cache = args.cache.resolve()
     torch.set_num_threads(args.threads)
-    code = package_code()
+    code = harness.package_code()
     seeds = args.seeds if args.seeds is not None else spec["seeds"]
     arms = args.arms or list(spec["arms"])
     (cache / "claims").mkdir(parents=True, exist_ok=True)
@@ -138,7 +132,7 @@ def run(spec: dict, args) -> None:
 
 def collect(spec: dict, cache: Path, overrides: list[str]) -> dict:
     """The finished runs of the spec's arms and seeds whose key matches the current code."""
-    code = package_code()
+    code = harness.package_code()
     by_key = {r.data.tags["key"]: r for r in finished_runs(spec)}
     results: dict = {"name": spec["name"], "arms": {}, "seeds": spec["seeds"], "code": code}
     for name, arm in spec["arms"].items():

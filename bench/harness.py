@@ -41,6 +41,12 @@ def code_digest(patterns: list[str], exclude: list[str] = ()) -> str:
     return digest([(str(f.relative_to(PACKAGE)), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files])
 
 
+def package_code() -> str:
+    """The package's code but ``config.py``: what its defaults change shows in the resolved params,
+    so changing a default a run does not use keeps that run."""
+    return code_digest(["**/*.py"], exclude=["config.py"])
+
+
 def load_params(dataset: str, cache: Path, experiment: str, overrides: list[str]) -> config.Params:
     """``params.yaml`` + ``configs/<dataset>.yaml`` on the real data, logging to ``cache``'s own
     SQLite MLflow store; plain training unless an override says otherwise."""

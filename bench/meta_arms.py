@@ -36,7 +36,7 @@ import mlflow
 import numpy as np
 from filelock import FileLock
 
-from bench.harness import code_digest, digest
+from bench.harness import digest, package_code
 from lesionflow import lineage, registry
 from lesionflow.config import Params
 from lesionflow.data.manifest import FINGERPRINT, Record, read_manifest, write_manifest
@@ -55,7 +55,7 @@ def pseudo_pool(params: Params, dataset: Path, cache: Path) -> Path:
     """The pseudo-labelled dataset (``pool/``) and the labelled-only one (``labelled/``) for
     ``params``' pool sections, built once under a lock by whichever process gets there first."""
     key = digest(params.model_dump(mode="json", include=POOL_SECTIONS), dataset.name,
-                 code_digest(["**/*.py"], exclude=["config.py"]))
+                 package_code())
     out = cache / "datasets" / f"{dataset.name}-pseudo-{key}"
     with FileLock(f"{out}.lock"):
         if (out / "pool").is_dir():
@@ -145,14 +145,14 @@ def run_arm(params: Params, dataset: Path, arm: dict, seed: int, cache: Path) ->
         raise SystemExit("routing: classifier needs per-type models (meta_train.per_lesion_type=true)")
     pool = pseudo_pool(params, dataset, cache)
     data = pool / {"labelled": "labelled", "all": "pool", "good": "good"}[data_kind]
-    train_params = budgeted(params, data, sum(r.split == "train" for r in read_manifest(dataset)))
+    records = read_manifest(dataset)
+    train_params = budgeted(params, data, sum(r.split == "train" for r in records))
     train_params = train_params.model_copy(update={"seed": seed})  # the split and the pool stay; training varies
     seed_everything(seed, params.train.deterministic)
     out = cache / "models" / f"{dataset.name}-{seed}-{digest(train_params.model_dump(mode='json', exclude={'runtime'}), data_kind)}"
     shutil.rmtree(out, ignore_errors=True)
     meta_train_step.run(train_params, data, out)
     model = load_model(out)
-    records = read_manifest(dataset)
     val, test = labelled(records, "val"), labelled(records, "test")
     threshold = params.evaluate.threshold
     metrics: dict[str, float] = {}
