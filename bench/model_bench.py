@@ -4,9 +4,9 @@ Arms are named model + train settings (``ARMS``; each applied over ``params.yaml
 ``configs/kvasir-seg.yaml``). For each arm, measured in one run:
 
 - ``params``: parameters (M);
-- ``train img/s``: images per second of one training step (forward, loss, backward, AdamW) at
-  the arm's image size and batch size, from the cached dataset — the throughput the Kvasir
-  setting trains at;
+- ``train img/s``: images per second of one training step as ``fit`` takes it (forward, loss,
+  backward, AdamW, EMA; ``bench/train_throughput.py``) at the arm's image size, batch size and
+  precision, from the cached dataset — the throughput the Kvasir setting trains at;
 - ``fps main`` / ``fps worker``: end-to-end frames/s (resize, normalise, network, sigmoid, resize
   back) on 256×256 frames, batch 1, on the main thread and on a worker thread, through torch and
   through ONNX Runtime (``ort``, what a registered version serves through);
@@ -28,7 +28,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.runtime_bench import frames_per_second, on_worker
+from bench.train_throughput import train_throughput
 from lesionflow import config
 from lesionflow.data.manifest import read_manifest
 from lesionflow.models import runtime
@@ -46,7 +46,7 @@ from lesionflow.models.segmenter import Segmenter
 from lesionflow.steps.evaluate import score_model
 from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.train import new_segmenter
-from lesionflow.training import SegmentationDataset, fit, labelled, training_loss
+from lesionflow.training import SegmentationDataset, fit, labelled
 
 DATA = REPO.parent / "shared" / "data"
 BEFORE = ["model.arch=unet", "model.base_channels=16", "train.augment=flips", "train.loss=dice_bce",
@@ -67,23 +67,6 @@ def arm_params(arm: str, extra: list[str]) -> config.Params:
     return config.load([REPO / "params.yaml", REPO / "configs" / "kvasir-seg.yaml"],
                        [f"ingest.source={DATA / 'kvasir-seg'}", "train.max_minutes=null",
                         "train.device=cpu", *ARMS[arm], *extra])
-
-
-def train_throughput(model, data: SegmentationDataset, cfg, steps: int) -> float:
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    model.train()
-    batches = iter(loader)
-    seconds = 0.0
-    for step in range(steps + 1):  # the first step warms allocators up and is not counted
-        start = time.perf_counter()
-        image, mask, weight = next(batches)
-        loss = training_loss(model, image, mask, weight, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seconds += (time.perf_counter() - start) * (step > 0)
-    return steps * cfg.batch_size / seconds
 
 
 def speed_columns(model, frames: list[np.ndarray]) -> dict[str, float]:
@@ -141,7 +124,7 @@ def main() -> None:
         train_set = SegmentationDataset(kvasir, train, model, augment=cfg.augment, seed=params.seed)
         row = {"arm": arm, "size": cfg.image_size,
                "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
-               "train img/s": train_throughput(new_segmenter(params, kvasir), train_set, cfg, steps=6),
+               "train img/s": train_throughput(params, kvasir, train_set, steps=6),
                **speed_columns(model, frames)}
         if args.saved:
             model = Segmenter.load(args.saved / f"{arm.split()[0]}-seed{params.seed}.pt").eval()

@@ -75,7 +75,7 @@ def reseed_worker(_: int) -> None:
 class FitResult:
     best_epoch: int
     best_val_dice: float
-    epochs_run: int
+    epochs_run: int  # fewer than train.epochs when train.max_minutes shortened the schedule
     seconds: float
     history: list[dict] = field(default_factory=list)
 
@@ -134,14 +134,18 @@ def fit(model: Segmenter, train: SegmentationDataset | IterableDataset, val: Seg
     model.to(device)
     loader, sampler = train_loader(train, cfg, seed)
     loop = TrainingLoop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.epochs * len(loader),
-                        ema_decay=cfg.ema_decay, max_minutes=cfg.max_minutes)
+                        ema_decay=cfg.ema_decay, max_minutes=cfg.max_minutes, precision=cfg.precision)
     history: list[dict] = []
-    for epoch in range(cfg.epochs):
+    epochs, epoch = cfg.epochs, 0
+    while epoch < epochs:
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
-        losses = [loop.step(training_loss(model, image.to(device), mask.to(device), weight.to(device), cfg))
-                  for image, mask, weight in progress(loader, f"epoch {epoch + 1}/{cfg.epochs}")]
+        losses = []
+        for image, mask, weight in progress(loader, f"epoch {epoch + 1}/{epochs}"):
+            with loop.forward_context():
+                loss = training_loss(model, image.to(device), mask.to(device), weight.to(device), cfg)
+            losses.append(loop.step(loss))
         row = {"epoch": epoch, **distributed.mean_over_ranks({"train_loss": float(np.mean(losses))}),
                "val_dice": validation_dice(loop.shipped, val, device, cfg.batch_size),
                "lr": loop.lr, "seconds": loop.seconds}
@@ -149,8 +153,11 @@ def fit(model: Segmenter, train: SegmentationDataset | IterableDataset, val: Seg
         if on_epoch and distributed.is_main():
             on_epoch(row)
         loop.select(epoch, row["val_dice"])
-        if loop.out_of_time():
-            break
+        epoch += 1
+        planned, epochs = epochs, loop.epochs_in_budget(epoch, epochs)
+        if epochs < planned and distributed.is_main():
+            print(f"train.max_minutes {cfg.max_minutes:g}: at {loop.seconds / 60 / epoch:.2f} min per epoch "
+                  f"{planned} epochs would not fit; the schedule now ends after epoch {epochs}")
     loop.finish()
     return FitResult(loop.best_at, loop.best_score, len(history), loop.seconds, history)
 
@@ -181,9 +188,10 @@ def train_loader(train: SegmentationDataset | IterableDataset, cfg: TrainConfig,
 def training_loss(model: Segmenter, image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                   cfg: TrainConfig) -> torch.Tensor:
     """``cfg.loss`` on the final logits, plus ``cfg.deep_supervision`` times its mean over the
-    coarser decoder levels' own logits (deep supervision)."""
+    coarser decoder levels' own logits (deep supervision). The loss itself runs in fp32 whatever
+    precision the network ran in (its sums over a whole image lose too much in bf16)."""
     if not cfg.deep_supervision:
-        return segmentation_loss(cfg, model(image), target, weight)
-    final, *coarser = model.forward_all(image)
+        return segmentation_loss(cfg, model(image).float(), target, weight)
+    final, *coarser = (logits.float() for logits in model.forward_all(image))
     aux = torch.stack([segmentation_loss(cfg, logits, target, weight) for logits in coarser]).mean()
     return segmentation_loss(cfg, final, target, weight) + cfg.deep_supervision * aux

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lesionflow import loop as loop_module
 from lesionflow.config import Params, TrainConfig
 from lesionflow.data.augment import Augmenter
 from lesionflow.loop import TrainingLoop
@@ -14,7 +15,7 @@ from lesionflow.losses import IGNORE, structure_loss
 from lesionflow.models import build_model
 from lesionflow.models.resunet import ResUNet
 from lesionflow.models.segmenter import Segmenter
-from lesionflow.training import SegmentationDataset, reseed_worker, training_loss
+from lesionflow.training import SegmentationDataset, fit, reseed_worker, training_loss
 
 
 def test_resunet_features_then_head_equal_forward_and_aux_heads_are_full_size():
@@ -133,3 +134,56 @@ def test_the_loop_ships_and_selects_the_moving_average():
     assert not torch.equal(loop.shipped.weight, model.weight)  # the average lags the weights
     loop.finish()
     assert torch.equal(model.weight, kept["weight"]) and torch.equal(model.bias, kept["bias"])
+
+
+class _Clock:
+    """``time.monotonic`` for the loop, advanced by hand: a budget test that does not sleep."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_budget_too_short_for_the_epochs_shortens_the_schedule_so_it_still_anneals(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(loop_module.time, "monotonic", clock)
+    model = torch.nn.Linear(4, 1)
+    # 10 epochs of 10 steps planned; 60 s allowed; each epoch takes 20 s
+    loop = TrainingLoop(model, lr=0.1, total_steps=100, max_minutes=1)
+    x, epochs, done = torch.randn(8, 4), 10, 0
+    while done < epochs:
+        for _ in range(10):
+            last_lr = loop.lr  # the rate the step below takes
+            loop.step(model(x).pow(2).mean())
+        clock.now += 20
+        done += 1
+        epochs = loop.epochs_in_budget(done, epochs)
+        assert epochs == 3  # decided after the first epoch: 20 s + 2 × 20 s fit in 60 s
+    assert loop.scheduler.last_epoch == 30
+    assert last_lr == pytest.approx(0.1 / 25 / 1e4)  # the last step annealed fully, not cut near the peak
+
+
+def test_a_budget_the_epochs_fit_in_changes_nothing(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(loop_module.time, "monotonic", clock)
+    loop = TrainingLoop(torch.nn.Linear(4, 1), lr=0.1, total_steps=40, max_minutes=10)
+    for done in range(1, 4):
+        clock.now += 60
+        assert loop.epochs_in_budget(done, 4) == 4
+    assert loop.scheduler.total_steps == 40
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_in_either_precision_learns_and_ships_plain_fp32_weights(precision):
+    torch.manual_seed(0)
+    model = Segmenter(ResUNet(3, 8, 2), 32, [0.0] * 3, [1.0] * 3)
+    data = _Arrays(16, "none")
+    cfg = TrainConfig(image_size=32, batch_size=4, epochs=4, lr=0.01, loss="structure", deep_supervision=0.4,
+                      precision=precision)
+    result = fit(model, data, data, cfg, seed=0)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    for tensor in model.state_dict().values():
+        assert tensor.dtype in (torch.float32, torch.int64)
+        assert tensor.is_contiguous()  # trained channels-last, shipped in the default layout

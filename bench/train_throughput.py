@@ -1,0 +1,111 @@
+"""Training throughput at the Kvasir-SEG setting, before and after, measured side by side in one run.
+
+One training step as ``training.fit`` takes it — a batch of the cached, pre-resized dataset through
+the DataLoader with the config's augmentation, forward under the loop's ``forward_context``, the
+config's loss with deep supervision, AdamW, the schedule and the EMA — in three layouts/precisions:
+
+- ``fp32 NCHW``: the loop before channels-last (the "before" row);
+- ``fp32 channels-last``: what ``fit`` does with ``train.precision: fp32``;
+- ``bf16 channels-last``: ``train.precision: bf16`` (autocast; weights stay fp32).
+
+Rounds are interleaved so every mode sees the same machine load; the median round is reported, and
+the ratios to the "before" row are what to compare (the machine is shared and noisy).
+
+    python bench/train_throughput.py [--steps 12] [--rounds 3] [--threads 2] [--set train.image_size=256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lesionflow import config
+from lesionflow.data.manifest import read_manifest
+from lesionflow.loop import TrainingLoop
+from lesionflow.steps.ingest import build_dataset
+from lesionflow.steps.train import new_segmenter
+from lesionflow.training import (
+    SegmentationDataset,
+    labelled,
+    train_loader,
+    training_loss,
+)
+
+DATA = REPO.parent / "shared" / "data"
+MODES = {"fp32 NCHW (before)": ("fp32", torch.contiguous_format),
+         "fp32 channels-last": ("fp32", torch.channels_last),
+         "bf16 channels-last": ("bf16", torch.channels_last)}
+
+
+def kvasir_params(extra: list[str]) -> config.Params:
+    return config.load([REPO / "params.yaml", REPO / "configs" / "kvasir-seg.yaml"],
+                       [f"ingest.source={DATA / 'kvasir-seg'}", "train.device=cpu", *extra])
+
+
+def train_throughput(params: config.Params, dataset_dir: Path, data: SegmentationDataset, steps: int,
+                     layout: torch.memory_format = torch.channels_last) -> float:
+    """Images/s of ``steps`` training steps as ``fit`` takes them (the first, warming allocators
+    up, not counted). ``layout`` contiguous undoes the loop's channels-last: the earlier loop."""
+    cfg = params.train
+    model = new_segmenter(params, dataset_dir)
+    loader, _ = train_loader(data, cfg, params.seed)
+    loop = TrainingLoop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps + 1,
+                        ema_decay=cfg.ema_decay, precision=cfg.precision)
+    model.to(memory_format=layout)
+    model.train()
+    batches = iter(loader)
+    seconds = 0.0
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        image, mask, weight = next(batches)
+        with loop.forward_context():
+            loss = training_loss(model, image, mask, weight, cfg)
+        loop.step(loss)
+        seconds += (time.perf_counter() - start) * (step > 0)
+    return steps * cfg.batch_size / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per mode and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lesionflow-model-bench")
+    ap.add_argument("--set", action="append", default=[], help="params override, e.g. train.image_size=256")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    params = kvasir_params(args.set)
+    kvasir = args.work / "kvasir-seg"
+    if not kvasir.exists():
+        build_dataset(params, kvasir)
+    records = labelled(read_manifest(kvasir), "train")
+    data = SegmentationDataset(kvasir, records, new_segmenter(params, kvasir), augment=params.train.augment,
+                               seed=params.seed)
+    rates: dict[str, list[float]] = {name: [] for name in MODES}
+    for _ in range(args.rounds):
+        for name, (precision, layout) in MODES.items():
+            mode_params = params.with_section("train", precision=precision)
+            rates[name].append(train_throughput(mode_params, kvasir, data, args.steps, layout))
+    cfg, m = params.train, params.model
+    print(f"training throughput, Kvasir-SEG train split ({len(records)} images): {m.arch} {m.base_channels}ch "
+          f"at {cfg.image_size}px, batch {cfg.batch_size}, loss {cfg.loss}, augment {cfg.augment}; "
+          f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps (median); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU bf16 units: "
+          f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    before = np.median(rates[next(iter(MODES))])
+    for name, values in rates.items():
+        print(f"  {name:<22} {np.median(values):6.1f} images/s   {np.median(values) / before:5.2f} x before")
+
+
+if __name__ == "__main__":
+    main()
