@@ -227,7 +227,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"reproduce {name} v{result.version}")
     for role, md5 in result.datasets.items():
         print(f"  {role:<14} {md5} (pulled from {params.runtime.remote()})")
-    print("  code           " + ("; ".join(result.code_notes) or "the commit that trained it, clean"))
+    print("  differs        " + ("; ".join(result.notes) or "nothing: the commit that trained it, clean"))
     print(f"  {result.split} split: registered → rebuilt (difference)")
     gaps = result.differences()
     for lesion_type, row in result.registered.items():

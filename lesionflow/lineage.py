@@ -29,6 +29,8 @@ TAG_LABELLER_VERSION = _PREFIX + "labeller_version"  # "<model>@<version>" that 
 TAG_VIDEO_MODEL = _PREFIX + "video_model"  # runs:/<id>/video_model: G (propagation, synthesis)
 TAG_WEAK_MODEL = _PREFIX + "weak_model"  # runs:/<id>/weak_model: the area-ratio GCN
 TAG_INIT_FROM_VERSION = _PREFIX + "init_from_version"  # warm start: weights trained further
+# plain training's epochs when train.max_minutes ended the schedule early ("none": all of train.epochs)
+TAG_TRAINED_EPOCHS = _PREFIX + "trained_epochs"
 TAG_GIT_COMMIT = _PREFIX + "git_commit"
 TAG_GIT_DIRTY = _PREFIX + "git_dirty"  # "true" when the code had uncommitted changes
 TAG_PARAMS_HASH = _PREFIX + "params_hash"
@@ -41,7 +43,7 @@ DATASET_TAGS = {"ingested": TAG_DATASET_MD5, "augmented": TAG_AUGMENTED_DATASET_
                 "trained_on": TAG_PSEUDO_DATASET_MD5}
 # what a pipeline step may add to the lineage it passes on
 STEP_KEYS = (TAG_DATASET_MD5, TAG_CORRECTIONS_MD5, TAG_AUGMENTED_DATASET_MD5, TAG_PSEUDO_DATASET_MD5,
-             TAG_LABELLER_VERSION, TAG_VIDEO_MODEL, TAG_WEAK_MODEL, TAG_INIT_FROM_VERSION)
+             TAG_LABELLER_VERSION, TAG_VIDEO_MODEL, TAG_WEAK_MODEL, TAG_INIT_FROM_VERSION, TAG_TRAINED_EPOCHS)
 KEYS = STEP_KEYS + (TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID,
                     TAG_PARENT_VERSION)
 # The caller must know these; the code version and the parent version can be found out here.

@@ -31,6 +31,7 @@ from lesionflow.lineage import (
     TAG_INIT_FROM_VERSION,
     TAG_PSEUDO_DATASET_MD5,
     TAG_REPRODUCES,
+    TAG_TRAINED_EPOCHS,
     code_version,
     package_dir,
 )
@@ -50,7 +51,7 @@ class Reproduction:
     registered: dict[str, dict[str, float]]  # per-type table stored at registration
     rebuilt: dict[str, dict[str, float]]
     datasets: dict[str, str]  # role → DVC hash pulled
-    code_notes: list[str] = field(default_factory=list)  # how the code differs from the original
+    notes: list[str] = field(default_factory=list)  # how the rebuild differs (code, schedule)
 
     def differences(self) -> dict[str, dict[str, float]]:
         """rebuilt − registered per lesion type and metric (NaN where either is undefined)."""
@@ -86,6 +87,19 @@ def code_notes(tags: dict[str, str]) -> list[str]:
     return notes
 
 
+def schedule_as_trained(params: Params, tags: dict[str, str]) -> tuple[Params, list[str]]:
+    """``params`` with the epochs the version trained for: when ``train.max_minutes`` ended its
+    schedule early, that many epochs and no time limit — the budget's decision, not a new one by
+    this machine's clock (a schedule planned for them from the start ramps and anneals a little
+    differently from the shortened one, so the note says so)."""
+    epochs = tags.get(TAG_TRAINED_EPOCHS, NONE)
+    if epochs == NONE:
+        return params, []
+    note = (f"train.max_minutes ended its schedule after {epochs} of {params.train.epochs} epochs: "
+            f"rebuilt with {epochs} epochs and no time limit")
+    return params.with_section("train", epochs=int(epochs), max_minutes=None), [note]
+
+
 def reproduce(here: Params, version: str) -> Reproduction:
     """Retrain ``version`` from its lineage and score it like the registered one was scored."""
     name = here.runtime.model_name
@@ -100,6 +114,8 @@ def reproduce(here: Params, version: str) -> Reproduction:
     warm = tags.get(TAG_INIT_FROM_VERSION, NONE)
     # the parent's weights, not whatever is champion today
     params = params.with_section("train", init_from=None if warm == NONE else warm)
+    params, schedule_note = schedule_as_trained(params, tags)
+    notes = code_notes(tags) + schedule_note
     datasets = {"trained on": tags[TAG_PSEUDO_DATASET_MD5], "evaluated on": tags[TAG_DATASET_MD5]}
     runtime = params.runtime
     with tempfile.TemporaryDirectory(prefix="lesionflow-reproduce-") as tmp:
@@ -118,5 +134,4 @@ def reproduce(here: Params, version: str) -> Reproduction:
                                   params.evaluate.threshold)
             mlflow.log_dict({"registered": registered["table"], "rebuilt": rebuilt.table},
                             "reproduction.json")
-    return Reproduction(version, registered["split"], registered["table"], rebuilt.table, datasets,
-                        code_notes(tags))
+    return Reproduction(version, registered["split"], registered["table"], rebuilt.table, datasets, notes)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lesionflow import lineage
 from lesionflow import loop as loop_module
 from lesionflow.config import Params, TrainConfig
 from lesionflow.data.augment import Augmenter
@@ -15,6 +16,7 @@ from lesionflow.losses import IGNORE, structure_loss
 from lesionflow.models import build_model
 from lesionflow.models.resunet import ResUNet
 from lesionflow.models.segmenter import Segmenter
+from lesionflow.reproduce import schedule_as_trained
 from lesionflow.training import SegmentationDataset, fit, reseed_worker, training_loss
 
 
@@ -187,3 +189,21 @@ def test_training_in_either_precision_learns_and_ships_plain_fp32_weights(precis
     for tensor in model.state_dict().values():
         assert tensor.dtype in (torch.float32, torch.int64)
         assert tensor.is_contiguous()  # trained channels-last, shipped in the default layout
+
+
+def test_fit_under_a_budget_its_epochs_do_not_fit_ends_early_and_says_how_many_it_ran():
+    torch.manual_seed(0)
+    model = Segmenter(ResUNet(3, 8, 2), 32, [0.0] * 3, [1.0] * 3)
+    data = _Arrays(8, "none")
+    cfg = TrainConfig(image_size=32, batch_size=4, epochs=5, max_minutes=1e-4)  # 6 ms: one epoch is longer
+    result = fit(model, data, data, cfg, seed=0)
+    assert result.epochs_run == len(result.history) == 1 and result.best_epoch == 0
+
+
+def test_reproduce_trains_for_the_epochs_the_budget_chose_without_a_clock():
+    params = Params().with_section("train", epochs=40, max_minutes=50)
+    same, notes = schedule_as_trained(params, {lineage.TAG_GIT_COMMIT: "abc"})
+    assert same == params and notes == []
+    rebuilt, notes = schedule_as_trained(params, {lineage.TAG_TRAINED_EPOCHS: "17"})
+    assert (rebuilt.train.epochs, rebuilt.train.max_minutes) == (17, None)
+    assert "after 17 of 40 epochs" in notes[0]

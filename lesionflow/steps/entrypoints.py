@@ -138,7 +138,8 @@ def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, datase
         outcome = meta_train_step.run(params.with_section("train", init_from=warm_from),
                                       Path(dataset_path), Path(model_path))
     return {"mlflow_run_id": run_id, "models": sorted(outcome.results) or ["plain"],
-            "lineage": lineage.merged(lineage_json, init_from_version=warm_from)}
+            "lineage": lineage.merged(lineage_json, init_from_version=warm_from,
+                                      trained_epochs=outcome.budget_epochs)}
 
 
 def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,

@@ -33,6 +33,7 @@ from lesionflow.training import SegmentationDataset, labelled, seed_everything
 class MetaTrainOutcome:
     results: dict[str, MetaResult]  # per trained model ("all", or one per lesion type)
     pools: dict[str, dict[str, int]]  # task → {"good": n, "bad": n}
+    budget_epochs: int | None = None  # plain training: the epochs train.max_minutes cut it to
 
 
 def task_key(record: Record, task_by: str) -> str:
@@ -141,8 +142,9 @@ def run(params: Params, dataset_dir: Path, out_dir: Path,
     if params.cluster.train.num_nodes > 1:
         return train_on_cluster(params, dataset_dir, out_dir)
     if not mcfg.enabled:
-        train(params, dataset_dir, out_dir, train_shards)
-        return MetaTrainOutcome({}, {})
+        fitted = train(params, dataset_dir, out_dir, train_shards)
+        cut = fitted.epochs_run < params.train.epochs
+        return MetaTrainOutcome({}, {}, budget_epochs=fitted.epochs_run if cut else None)
     mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
     mlflow.log_metrics({"n_good": sum(not is_bad(r) for r in records),
                         "n_bad": sum(is_bad(r) for r in records),
