@@ -188,8 +188,11 @@ class ModelConfig(_Section):
     upsample: Literal["bilinear", "transpose"] = Field(
         "bilinear", description="bilinear | transpose")
     dropout: float = Field(
-        0.0, ge=0, lt=1, description="in the conv blocks (the one model key a warm start may "
-        "change)")
+        0.0, ge=0, lt=1, description="in the conv blocks (a model key a warm start may change)")
+    tta: Literal["none", "h", "hv"] = Field(
+        "none", description="test-time flips the registered model predicts with, averaged: none | "
+        "h: + the horizontal flip (2 passes) | hv: + vertical and both (4 passes; frames/s drops "
+        "about as much). Training validates one pass; a warm start may change it")
 
     @property
     def halvings(self) -> int:

@@ -207,3 +207,24 @@ def test_reproduce_trains_for_the_epochs_the_budget_chose_without_a_clock():
     rebuilt, notes = schedule_as_trained(params, {lineage.TAG_TRAINED_EPOCHS: "17"})
     assert (rebuilt.train.epochs, rebuilt.train.max_minutes) == (17, None)
     assert "after 17 of 40 epochs" in notes[0]
+
+
+@pytest.mark.parametrize(("tta", "views"), [("h", 2), ("hv", 4)])
+def test_test_time_flips_average_the_flipped_views_and_survive_a_save(tta, views, tmp_path):
+    torch.manual_seed(0)
+    model = Segmenter(ResUNet(3, 8, 2), 32, [0.0] * 3, [1.0] * 3, tta).eval()
+    x = torch.rand(2, 3, 32, 32) * 255
+    with torch.no_grad():
+        flipped = [(3,), (2,), (2, 3)][:views - 1]
+        by_hand = (torch.sigmoid(model(x)) + sum(torch.sigmoid(model(x.flip(d))).flip(d) for d in flipped)) / views
+        assert torch.allclose(model.probabilities(x), by_hand, atol=1e-6)
+        # each flip the model averages over, its answer follows
+        for dims in flipped:
+            assert torch.allclose(model.probabilities(x.flip(dims)), model.probabilities(x).flip(dims), atol=1e-5)
+        assert not torch.allclose(model.probabilities(x), torch.sigmoid(model(x)), atol=1e-3)
+    model.save(tmp_path / "m.pt")
+    assert Segmenter.load(tmp_path / "m.pt").tta == tta
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    del blob["tta"]  # saved before test-time flips existed
+    torch.save(blob, tmp_path / "old.pt")
+    assert Segmenter.load(tmp_path / "old.pt").tta == "none"

@@ -40,11 +40,11 @@ IMAGES = [RNG.integers(0, 256, shape, dtype=np.uint8)
           for shape in [(48, 64, 3), (37, 29, 3), (64, 64), (90, 51, 3), (32, 32, 3), (50, 70)]]
 
 
-def segmenter(seed: int, in_channels: int = 3, upsample: str = "bilinear") -> Segmenter:
+def segmenter(seed: int, in_channels: int = 3, upsample: str = "bilinear", tta: str = "none") -> Segmenter:
     """An untrained model with BatchNorm statistics that matter and logits spread around 0, so its
     masks are neither empty nor full and few pixels sit at the threshold."""
     torch.manual_seed(seed)
-    model = Segmenter(UNet(in_channels, 8, 3, upsample=upsample), 32, [110.0] * 3, [55.0] * 3)
+    model = Segmenter(UNet(in_channels, 8, 3, upsample=upsample), 32, [110.0] * 3, [55.0] * 3, tta)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -66,9 +66,10 @@ def assert_same_answers(ours: list[np.ndarray], torch_: list[np.ndarray]) -> Non
         assert 0.05 < (q > 0.5).mean() < 0.95  # not vacuous
 
 
-@pytest.mark.parametrize(("in_channels", "upsample"), [(3, "bilinear"), (1, "transpose")])
-def test_exported_segmenter_answers_as_torch(in_channels, upsample):
-    model = segmenter(1, in_channels, upsample)
+@pytest.mark.parametrize(("in_channels", "upsample", "tta"),
+                         [(3, "bilinear", "none"), (1, "transpose", "none"), (3, "bilinear", "hv")])
+def test_exported_segmenter_answers_as_torch(in_channels, upsample, tta):
+    model = segmenter(1, in_channels, upsample, tta)
     fast = runtime.predictor(model, runtime="onnxruntime")
     assert isinstance(fast, runtime.OnnxSegmenter) and runtime.runtime_name(fast) == "onnxruntime"
     expected = model.predict_proba(IMAGES)

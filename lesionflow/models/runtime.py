@@ -50,14 +50,15 @@ RUNTIME_ENV = "LESIONFLOW_RUNTIME"
 
 
 class _Probabilities(nn.Module):
-    """What is exported: a ``Segmenter``'s logits through the sigmoid, channel dropped."""
+    """What is exported: a ``Segmenter``'s ``probabilities`` (its test-time flips included), channel
+    dropped."""
 
     def __init__(self, model: Segmenter):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(x))[:, 0]
+        return self.model.probabilities(x)[:, 0]
 
 
 def to_onnx(model: Segmenter) -> bytes:

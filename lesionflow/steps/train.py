@@ -87,7 +87,8 @@ def _from_scratch(params: Params, dataset_dir: Path) -> Segmenter:
     mean, std = _per_model_channel(stats["mean"], params.model.in_channels), _per_model_channel(
         stats["std"], params.model.in_channels)
     # a constant dataset has std 0; 1 grey level keeps the division finite
-    return Segmenter(build_model(params.model), params.train.image_size, mean, [max(s, 1.0) for s in std])
+    return Segmenter(build_model(params.model), params.train.image_size, mean, [max(s, 1.0) for s in std],
+                     params.model.tta)
 
 
 def _warm_start(params: Params, version: str, source: Segmenter) -> Segmenter:
@@ -106,7 +107,7 @@ def _warm_start(params: Params, version: str, source: Segmenter) -> Segmenter:
         print(f"warm start from {name} v{version}: training at its image size {source.image_size}, "
               f"not train.image_size {params.train.image_size}")
     model = Segmenter(build_model(params.model), source.image_size, source.mean.flatten().tolist(),
-                      source.std.flatten().tolist())
+                      source.std.flatten().tolist(), params.model.tta)
     model.load_state_dict(source.state_dict())  # weights, batch-norm statistics, mean/std
     print(f"warm start from {name} v{version}")
     return model
