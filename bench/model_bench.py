@@ -128,6 +128,7 @@ def main() -> None:
                **speed_columns(model, frames)}
         if args.saved:
             model = Segmenter.load(args.saved / f"{arm.split()[0]}-seed{params.seed}.pt").eval()
+            model.tta = params.model.tta  # the arm's test-time flips over the weights trained once
             row["val Dice"] = score_model(model, kvasir, val, params.evaluate.threshold).overall("dice")
         elif args.train:
             fitted = fit(model, train_set, SegmentationDataset(kvasir, val, model), cfg, seed=params.seed,
