@@ -64,7 +64,7 @@ def images(n: int) -> list[bytes]:
 
 def register(params: config.Params) -> None:
     tracking.connect(params)
-    model = Segmenter(build_model(params.model), params.train.image_size, [128.0] * 3, [64.0] * 3)
+    model = Segmenter(build_model(params.model), params.train.image_size, [128.0] * 3, [64.0] * 3, params.model.tta)
     tags = {lineage.TAG_DATASET_MD5: "bench", lineage.TAG_PARAMS_HASH: params.digest(),
             lineage.TAG_PIPELINE_RUN_ID: "bench"}
     with mlflow.start_run():
