@@ -231,8 +231,10 @@ class TrainConfig(_Section):
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes (0: load in the training process)")
     max_minutes: float | None = Field(
-        None, gt=0, description="wall-time budget: when the epochs would not fit, the schedule is "
-        "shortened to end (annealed) with the last epoch that does (null: no limit)")
+        None, gt=0, description="wall-time budget: when plain training's epochs would not fit, its "
+        "schedule is shortened to end (annealed) with the last epoch that does; weak-label "
+        "training stops after the epoch that passes it; meta-training runs its outer_steps (null: "
+        "no limit)")
     bad_pseudo_labels: Literal["drop", "keep"] = Field(
         "drop", description="drop (won on validation) | keep: pseudo-labels judged bad in plain training")
     init_from: str | None = Field(
