@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.runtime_bench import frames_per_second, on_worker
-from bench.train_throughput import train_throughput
+from bench.train_throughput import DATA, cached_kvasir, kvasir_params, train_throughput
 from lesionflow import config
 from lesionflow.data.manifest import read_manifest
 from lesionflow.models import runtime
@@ -48,7 +48,6 @@ from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.train import new_segmenter
 from lesionflow.training import SegmentationDataset, fit, labelled
 
-DATA = REPO.parent / "shared" / "data"
 BEFORE = ["model.arch=unet", "model.base_channels=16", "train.augment=flips", "train.loss=dice_bce",
           "train.deep_supervision=0", "train.ema_decay=null"]
 RESUNET = ["model.arch=resunet", "model.blocks=2", "train.loss=structure", "train.deep_supervision=0.4",
@@ -64,9 +63,7 @@ ARMS: dict[str, list[str]] = {
 
 
 def arm_params(arm: str, extra: list[str]) -> config.Params:
-    return config.load([REPO / "params.yaml", REPO / "configs" / "kvasir-seg.yaml"],
-                       [f"ingest.source={DATA / 'kvasir-seg'}", "train.max_minutes=null",
-                        "train.device=cpu", *ARMS[arm], *extra])
+    return kvasir_params(["train.max_minutes=null", *ARMS[arm], *extra])
 
 
 def speed_columns(model, frames: list[np.ndarray]) -> dict[str, float]:
@@ -102,9 +99,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = args.set + ([f"train.epochs={args.epochs}"] if args.epochs else [])
 
-    kvasir = args.work / "kvasir-seg"
-    if not kvasir.exists():
-        build_dataset(arm_params(args.arms[0], extra), kvasir)
+    kvasir = cached_kvasir(args.work, arm_params(args.arms[0], extra))
     records = read_manifest(kvasir)
     train, val, test = (labelled(records, s) for s in ("train", "val", "test"))
     clinic = args.work / "cvc-clinicdb"

@@ -48,8 +48,17 @@ MODES = {"fp32 NCHW (before)": ("fp32", torch.contiguous_format),
 
 
 def kvasir_params(extra: list[str]) -> config.Params:
+    """``params.yaml`` + ``configs/kvasir-seg.yaml`` on the shared copy of the data, on the CPU."""
     return config.load([REPO / "params.yaml", REPO / "configs" / "kvasir-seg.yaml"],
                        [f"ingest.source={DATA / 'kvasir-seg'}", "train.device=cpu", *extra])
+
+
+def cached_kvasir(work: Path, params: config.Params) -> Path:
+    """The ingested Kvasir-SEG dataset under ``work``, built on first use (the benches share it)."""
+    kvasir = work / "kvasir-seg"
+    if not kvasir.exists():
+        build_dataset(params, kvasir)
+    return kvasir
 
 
 def train_throughput(params: config.Params, dataset_dir: Path, data: SegmentationDataset, steps: int,
@@ -61,7 +70,8 @@ def train_throughput(params: config.Params, dataset_dir: Path, data: Segmentatio
     loader, _ = train_loader(data, cfg, params.seed)
     loop = TrainingLoop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps + 1,
                         ema_decay=cfg.ema_decay, precision=cfg.precision)
-    model.to(memory_format=layout)
+    for module in (model, loop.shipped):  # the weights and their moving average alike
+        module.to(memory_format=layout)
     model.train()
     batches = iter(loader)
     seconds = 0.0
@@ -85,9 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = kvasir_params(args.set)
-    kvasir = args.work / "kvasir-seg"
-    if not kvasir.exists():
-        build_dataset(params, kvasir)
+    kvasir = cached_kvasir(args.work, params)
     records = labelled(read_manifest(kvasir), "train")
     data = SegmentationDataset(kvasir, records, new_segmenter(params, kvasir), augment=params.train.augment,
                                seed=params.seed)

@@ -4,7 +4,8 @@ and meta (``meta.meta_train``).
 Each trainer owns what differs — how a batch becomes a loss, when to re-rank tasks or re-annotate
 superpixels — and hands the rest to one ``TrainingLoop``: the optimizer and its one-cycle LR
 schedule, the moving average of the weights (EMA), model selection on validation, the
-wall-time budget, and how the forward pass runs (memory layout, bf16 autocast). So the three are compared on equal terms, and a better loop helps all three.
+wall-time budget, and how the forward pass runs (memory layout, bf16 autocast). So the three are
+compared on equal terms, and a better loop helps all three.
 
 In a process group (``lesionflow.distributed``, under torchrun) the loop is also where the ranks
 meet: they start from rank 0's weights, every optimizer step uses the gradients averaged over the
@@ -26,6 +27,7 @@ from lesionflow import distributed
 
 WARMUP = 0.15  # share of the one-cycle schedule spent raising the learning rate
 
+
 class TrainingLoop:
     """AdamW + one-cycle over ``total_steps``; ``shipped`` is what validates and ships (the EMA of
     the weights when ``ema_decay`` is set, else the model itself)."""
@@ -35,6 +37,7 @@ class TrainingLoop:
         self.model, self.max_minutes = model, max_minutes
         device = next(model.parameters()).device
         self.autocast_dtype = torch.bfloat16 if uses_bf16(precision, device) else None
+        self.device_type = device.type
         # NHWC: oneDNN's convolutions (and cuDNN's bf16 ones) run faster on it, 1.2x training
         # images/s measured on CPU; a convolution follows its weights' layout, so inputs need not move
         model.to(memory_format=torch.channels_last)
@@ -70,7 +73,7 @@ class TrainingLoop:
         """Where the trainer computes its loss: bf16 autocast when ``precision`` asked for it."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def step(self, loss: torch.Tensor) -> float:
         """Back-propagate ``loss`` and take one optimizer step."""
@@ -117,7 +120,7 @@ class TrainingLoop:
         """Shorten the one-cycle schedule to ``total_steps``, keeping the steps already taken: a
         warm-up still under way ends at its share of the new length (or now), the annealing
         phase ends with the last step. (``OneCycleLR`` keeps its phases' ends in
-        ``_schedule_phases``; ``tests/test_training.py`` holds the result to a full anneal.)"""
+        ``_schedule_phases``; ``tests/test_models.py`` holds the result to a full anneal.)"""
         scheduler, done = self.scheduler, self.scheduler.last_epoch
         warmup, anneal = scheduler._schedule_phases
         if done <= warmup["end_step"]:
