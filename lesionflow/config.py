@@ -423,7 +423,8 @@ class WeakLabelConfig(_Section):
     default_error: float = Field(
         0.0, ge=0, lt=1, description="estimate error e for records without one (ignored band r±e)")
     epochs: int = Field(
-        4, ge=1, description="re-rank → train rounds (train.batch_size, lr, image_size)")
+        20, ge=1, description="re-rank → train rounds (train.batch_size, lr, image_size); "
+        "the labels improve through all 20 (README, Weak labels)")
     labelled_per_weak: float = Field(
         4.0, ge=0, description="labelled train records mixed in per weak record")
     gcn_weight: float = Field(1.0, ge=0, description="vertex loss weight next to the pixel loss")

@@ -131,3 +131,30 @@ def test_two_processes_side_by_side_run_each_pair_once_and_the_report_finds_them
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| arm")}
     assert rows == {"copy": "2", "**flow** (chosen on val)": "2"}
+
+
+@pytest.mark.slow
+def test_a_seed_model_trains_once_per_share_and_starts_the_arm(tmp_path, monkeypatch):
+    """``seed_from`` (bench/weak_vs_full.py): the model an arm starts from is trained on the named
+    dataset's masks — a seeded share of them — cached by its key, and reused, not retrained."""
+    from bench import harness, weak_vs_full
+
+    shared_dataset("cvc-clinicdb")
+    monkeypatch.setattr(harness, "DATA", SHARED_DATA)
+    params = harness.load_params("cvc-clinicdb", tmp_path, "seeded", [
+        "train.image_size=32", "train.epochs=1", "train.batch_size=8", "train.max_minutes=null",
+        "train.device=cpu", "model.depth=2"])
+    dataset, _ = harness.cached_dataset(params, tmp_path)
+    arm = {"labels": "none", "seed_from": "cvc-clinicdb", "seed_masks": 0.05}
+    first = weak_vs_full.run_arm(params, dataset, arm, 0, tmp_path)
+    assert 0 <= first["val_dice"] <= 1 and 0 <= first["test_dice"] <= 1
+    (model_file,) = (tmp_path / "seed-models").glob("*.pt")
+    trained_at = model_file.stat().st_mtime_ns
+    assert weak_vs_full.run_arm(params, dataset, arm, 0, tmp_path) == first  # the cached model, not a new one
+    assert model_file.stat().st_mtime_ns == trained_at
+    weak_vs_full.run_arm(params, dataset, {**arm, "seed_masks": 0.1}, 0, tmp_path)
+    assert len(list((tmp_path / "seed-models").glob("*.pt"))) == 2  # another share is another model
+    with pytest.raises(SystemExit, match="seed_masks must lie in"):
+        weak_vs_full.run_arm(params, dataset, {**arm, "seed_masks": 1.5}, 0, tmp_path)
+    with pytest.raises(SystemExit, match="labels: none scores the seed_from model"):
+        weak_vs_full.run_arm(params, dataset, {"labels": "none"}, 0, tmp_path)

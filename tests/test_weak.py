@@ -236,12 +236,14 @@ def test_weaken_keeps_true_ratios_and_leaves_val_test_alone(weak_project, tmp_pa
     assert cli.main(["weaken", "--dataset", str(dataset), "--out", str(tmp_path / "z")]) == 2
 
 
-def test_pseudo_label_step_turns_weak_records_into_ignore_aware_pseudo_labels(weak_project, tmp_path):
+def test_pseudo_label_step_turns_weak_records_into_ignore_aware_pseudo_labels(weak_project, tmp_path, capsys):
     params, dataset = weak_project
     weak_train = [r for r in read_manifest(dataset) if r.kind == "weak" and r.split == "train"]
     assert weak_train, "the synthetic source should put some weak records in train"
     with mlflow.start_run() as run:
         pseudo_label(params, dataset, tmp_path / "out")
+    # no champion yet: the user is told the ratios start from the boundary prior, and what that costs
+    assert "no single-model champion to start from, so the boundary prior ranks first" in capsys.readouterr().out
     out = {r.id: r for r in read_manifest(tmp_path / "out")}
     for r in weak_train:
         new = out[r.id]
