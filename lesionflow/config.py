@@ -424,7 +424,7 @@ class WeakLabelConfig(_Section):
         0.0, ge=0, lt=1, description="estimate error e for records without one (ignored band r±e)")
     epochs: int = Field(
         20, ge=1, description="re-rank → train rounds (train.batch_size, lr, image_size); "
-        "the labels improve through all 20 (README, Weak labels)")
+        "from a champion the labels improved through all 20 (README, Weak labels)")
     labelled_per_weak: float = Field(
         4.0, ge=0, description="labelled train records mixed in per weak record")
     gcn_weight: float = Field(1.0, ge=0, description="vertex loss weight next to the pixel loss")
