@@ -28,7 +28,7 @@ from lesionflow.data.manifest import Record
 from lesionflow.data.transforms import load_image, load_target
 from lesionflow.errors import ConfigError
 from lesionflow.loop import TrainingLoop
-from lesionflow.losses import segmentation_loss
+from lesionflow.losses import segmentation_losses
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.progress import progress
 
@@ -191,7 +191,7 @@ def training_loss(model: Segmenter, image: torch.Tensor, target: torch.Tensor, w
     coarser decoder levels' own logits (deep supervision). The loss itself runs in fp32 whatever
     precision the network ran in (its sums over a whole image lose too much in bf16)."""
     if not cfg.deep_supervision:
-        return segmentation_loss(cfg, model(image).float(), target, weight)
-    final, *coarser = (logits.float() for logits in model.forward_all(image))
-    aux = torch.stack([segmentation_loss(cfg, logits, target, weight) for logits in coarser]).mean()
-    return segmentation_loss(cfg, final, target, weight) + cfg.deep_supervision * aux
+        return segmentation_losses(cfg, [model(image).float()], target, weight)[0]
+    final, *coarser = segmentation_losses(cfg, [logits.float() for logits in model.forward_all(image)],
+                                          target, weight)
+    return final + cfg.deep_supervision * torch.stack(coarser).mean()

@@ -12,7 +12,7 @@ from lesionflow import loop as loop_module
 from lesionflow.config import Params, TrainConfig
 from lesionflow.data.augment import Augmenter
 from lesionflow.loop import TrainingLoop
-from lesionflow.losses import IGNORE, structure_loss
+from lesionflow.losses import IGNORE, structure_loss, structure_pixel_weight
 from lesionflow.models import build_model
 from lesionflow.models.resunet import ResUNet
 from lesionflow.models.segmenter import Segmenter
@@ -68,6 +68,16 @@ def test_structure_loss_ignores_ignored_pixels_and_weighs_the_edge_more():
     edge[..., 11, 12:32] = 8   # the row just above the lesion
     far[..., 42, 12:32] = 8    # a row at the bottom of the image
     assert structure_loss(edge, target) > structure_loss(far, target) > structure_loss(perfect, target)
+
+
+def test_structure_pixel_weight_is_the_clipped_window_mean_of_the_label():
+    """The two 1-D passes equal one k×k window mean, border windows clipped (PraNet's weights)."""
+    target = (torch.rand(2, 1, 44, 60, generator=torch.Generator().manual_seed(0)) > 0.6).float()
+    target[0, 0, :3] = IGNORE
+    truth, k = target.clamp(min=0), 44 // 11 | 1
+    local = torch.nn.functional.avg_pool2d(truth, k, stride=1, padding=k // 2, count_include_pad=False)
+    expected = (1 + 5 * (local - truth).abs()) * (target != IGNORE)
+    torch.testing.assert_close(structure_pixel_weight(target), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_deep_supervision_adds_the_coarser_levels_loss():
