@@ -2,11 +2,14 @@
 
 One training step as ``training.fit`` takes it — a batch of the cached, pre-resized dataset through
 the DataLoader with the config's augmentation, forward under the loop's ``forward_context``, the
-config's loss with deep supervision, AdamW, the schedule and the EMA — in three layouts/precisions:
+config's loss with deep supervision, AdamW, the schedule and the EMA — in four modes, each adding
+one change to the one before:
 
-- ``fp32 NCHW``: the loop before channels-last (the "before" row);
-- ``fp32 channels-last``: what ``fit`` does with ``train.precision: fp32``;
-- ``bf16 channels-last``: ``train.precision: bf16`` (autocast; weights stay fp32).
+- ``fp32 NCHW``: the loop before channels-last, and the structure loss as it was (a k×k
+  ``avg_pool2d`` for its pixel weights, computed again for every deep-supervision output): "before";
+- ``fp32 channels-last``: the channels-last layout;
+- ``bf16 channels-last``: ``train.precision: bf16`` (autocast; weights stay fp32);
+- ``bf16 CL, 1-D window``: what ``fit`` does now: the window mean as two 1-D passes, once per batch.
 
 Rounds are interleaved so every mode sees the same machine load; the median round is reported, and
 the ratios to the "before" row are what to compare (the machine is shared and noisy).
@@ -17,19 +20,22 @@ the ratios to the "before" row are what to compare (the machine is shared and no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lesionflow import config
+from lesionflow import config, losses, training
 from lesionflow.data.manifest import read_manifest
 from lesionflow.loop import TrainingLoop
 from lesionflow.steps.ingest import build_dataset
@@ -42,9 +48,32 @@ from lesionflow.training import (
 )
 
 DATA = REPO.parent / "shared" / "data"
-MODES = {"fp32 NCHW (before)": ("fp32", torch.contiguous_format),
-         "fp32 channels-last": ("fp32", torch.channels_last),
-         "bf16 channels-last": ("bf16", torch.channels_last)}
+# (precision, layout, structure loss's window as two 1-D passes once per batch): each mode adds one
+# change to the one before it.
+MODES = {"fp32 NCHW (before)": ("fp32", torch.contiguous_format, False),
+         "fp32 channels-last": ("fp32", torch.channels_last, False),
+         "bf16 channels-last": ("bf16", torch.channels_last, False),
+         "bf16 CL, 1-D window": ("bf16", torch.channels_last, True)}
+
+
+def _square_box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    return F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+
+
+def _weights_per_output(cfg, outputs, target, sample_weight=None):
+    return [losses.structure_loss(logits, target, sample_weight=sample_weight) for logits in outputs]
+
+
+@contextlib.contextmanager
+def structure_loss_as(separable: bool):
+    """The structure loss as ``fit`` has it, or (``separable`` False) as it was before: a k×k
+    window mean, its pixel weights computed again for every deep-supervision output."""
+    if separable:
+        yield
+        return
+    with (mock.patch.object(losses, "_box_mean", _square_box_mean),
+          mock.patch.object(training, "segmentation_losses", _weights_per_output)):
+        yield
 
 
 def kvasir_params(extra: list[str]) -> config.Params:
@@ -101,9 +130,10 @@ def main() -> None:
                                seed=params.seed)
     rates: dict[str, list[float]] = {name: [] for name in MODES}
     for _ in range(args.rounds):
-        for name, (precision, layout) in MODES.items():
+        for name, (precision, layout, separable) in MODES.items():
             mode_params = params.with_section("train", precision=precision)
-            rates[name].append(train_throughput(mode_params, kvasir, data, args.steps, layout))
+            with structure_loss_as(separable or mode_params.train.loss != "structure"):
+                rates[name].append(train_throughput(mode_params, kvasir, data, args.steps, layout))
     cfg, m = params.train, params.model
     print(f"training throughput, Kvasir-SEG train split ({len(records)} images): {m.arch} {m.base_channels}ch "
           f"at {cfg.image_size}px, batch {cfg.batch_size}, loss {cfg.loss}, augment {cfg.augment}; "
