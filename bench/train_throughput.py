@@ -71,7 +71,7 @@ def structure_loss_as(separable: bool):
     if separable:
         yield
         return
-    with (mock.patch.object(losses, "_box_mean", _square_box_mean),
+    with (mock.patch.object(losses, "box_mean", _square_box_mean),
           mock.patch.object(training, "segmentation_losses", _weights_per_output)):
         yield
 

@@ -43,7 +43,7 @@ def dice_bce_loss(
     return _weighted_mean(per_sample, sample_weight)
 
 
-def _box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """The mean over each pixel's k×k window (clipped at the border), as two 1-D passes: a k×k
     ``avg_pool2d`` on CPU took 60 % of a 256² training step; rows then columns give the same
     means (the clipped window is a rectangle) at 2k instead of k² reads per pixel."""
@@ -55,7 +55,7 @@ def structure_pixel_weight(target: torch.Tensor) -> torch.Tensor:
     """Each pixel's weight in the structure loss: ``1 + 5·|local lesion share − its own label|``,
     0 where ``IGNORE``. It depends on the target alone, so deep supervision computes it once."""
     truth = target.clamp(min=0).float()
-    local = _box_mean(truth, max(3, target.shape[-1] // 11) | 1)
+    local = box_mean(truth, max(3, target.shape[-1] // 11) | 1)
     return (1 + 5 * (local - truth).abs()) * (target != IGNORE).float()
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lesionflow.errors import FrameShapeError
+from lesionflow.losses import box_mean
 
 PHIS = ("l1", "l2", "dice")
 SIMILARITIES = ("ssim", "l1")
@@ -60,7 +61,7 @@ def similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
         x, y = a.mean(1, keepdim=True), b.mean(1, keepdim=True)
 
         def pool(t: torch.Tensor) -> torch.Tensor:
-            return F.avg_pool2d(t, 7, stride=1, padding=3, count_include_pad=False)
+            return box_mean(t, 7)
 
         mx, my = pool(x), pool(y)
         vx, vy, cxy = pool(x * x) - mx**2, pool(y * y) - my**2, pool(x * y) - mx * my
