@@ -144,6 +144,9 @@ class IngestConfig(_Section):
         "unknown", description="who drew the masks (records say labelled_by annotator:<this>)")
     split: SplitFractions = Field(
         SplitFractions(), description="fractions of groups per split (sum to 1)")
+    split_seed: int = Field(
+        0, description="keys the split hash; apart from the top-level seed, so training seeds "
+        "vary over one fixed train/val/test")
     max_side: int | None = Field(
         512, ge=16, description="downscale larger images on ingest (null keeps them)")
     volume_slice_axis: int = Field(
@@ -604,7 +607,8 @@ class ClusterConfig(_Section):
 class Params(_Section):
     """The root of ``params.yaml``."""
 
-    seed: int = Field(0, description="seeds splits, synthetic data, initial weights and sampling")
+    seed: int = Field(0, description="seeds synthetic data, initial weights and sampling (the split: "
+                      "ingest.split_seed)")
     runtime: RuntimeConfig = Field(
         RuntimeConfig(), description="where things live (not part of params_hash)")
     ingest: IngestConfig = Field(

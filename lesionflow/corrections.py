@@ -108,7 +108,7 @@ def add(params: Params, source: str, *, model_version: str | None = None,
         predicted_by = _column(root, "model_version")
         reviewed_by = _column(root, "reviewer")
         batch_dir = tmp / "batch"
-        ingest(_batch_config(params, root), batch_dir, seed=params.seed,
+        ingest(_batch_config(params, root), batch_dir, seed=params.ingest.split_seed,
                key=load_key(params.runtime.resolved_workdir()))
         batch = read_manifest(batch_dir)
         _check_batch(batch, predicted_by, model_version)

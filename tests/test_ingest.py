@@ -285,6 +285,25 @@ def test_reingesting_with_extra_images_keeps_every_old_split(tmp_path):
     assert all(r.split == split_of[r.group] for r in after)
 
 
+def test_the_split_follows_split_seed_and_not_the_training_seed(tmp_path):
+    """Comparing training seeds must not move the test split: the ingest step keys the split hash
+    with ``ingest.split_seed`` alone."""
+    from lesionflow.steps.ingest import build_dataset
+
+    src = make_source(tmp_path / "src", n=30)
+
+    def splits(*sets: str) -> dict[str, str]:
+        out = tmp_path / "-".join(sets)
+        params = config.load(REPO / "params.yaml", [
+            f"runtime.workdir={tmp_path / 'work'}", f"ingest.source={src}", *sets])
+        build_dataset(params, out)
+        return {r.id: r.split for r in read_manifest(out)}
+
+    fixed = splits("seed=0")
+    assert splits("seed=1") == fixed
+    assert splits("seed=1", "ingest.split_seed=1") != fixed
+
+
 def test_cvc_clinicdb_sequences_stay_whole_and_every_split_is_filled(tmp_path):
     src = shared_dataset("cvc-clinicdb")
     params = config.load([REPO / "params.yaml", REPO / "configs/cvc-clinicdb.yaml"],

@@ -634,7 +634,8 @@ def _write_headers(dataset_dir: Path, converted: list[tuple[_Item, _Converted]])
 
 def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | None = None,
            key: bytes | None = None) -> IngestReport:
-    """Build the canonical dataset for ``cfg.source`` in ``out_dir`` (absent or empty). ``key``
+    """Build the canonical dataset for ``cfg.source`` in ``out_dir`` (absent or empty), ``seed``
+    keying the split hash (the steps pass ``ingest.split_seed``). ``key``
     (``deid.load_key``) keys the pseudonyms a DICOM source, or ``pseudonymize_ids``, needs."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
