@@ -56,10 +56,10 @@ def load_params(dataset: str, cache: Path, experiment: str, overrides: list[str]
 
 
 def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
-    """The canonical dataset for ``params.ingest``, built once per (ingest params, split seed,
-    source content, ingest code)."""
+    """The canonical dataset for ``params.ingest``, built once per (ingest params, the split seed
+    among them; source content; ingest code)."""
     source = Path(params.ingest.source)
-    key = digest(params.ingest.model_dump(), params.seed, (source / "MANIFEST.sha256").read_text(),
+    key = digest(params.ingest.model_dump(), (source / "MANIFEST.sha256").read_text(),
                  code_digest(INGEST_CODE))
     out = cache / "datasets" / f"{source.name}-{key}"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,15 +36,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import cached_dataset
 from bench.runtime_bench import frames_per_second, on_worker
-from bench.train_throughput import DATA, cached_kvasir, kvasir_params, train_throughput
+from bench.train_throughput import DATA, kvasir_params, train_throughput
 from lesionflow import config
 from lesionflow.data.manifest import read_manifest
 from lesionflow.models import runtime
 from lesionflow.models.pyfunc import SegmentationModel
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.steps.evaluate import score_model
-from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.train import new_segmenter
 from lesionflow.training import SegmentationDataset, fit, labelled
 
@@ -99,13 +99,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = args.set + ([f"train.epochs={args.epochs}"] if args.epochs else [])
 
-    kvasir = cached_kvasir(args.work, arm_params(args.arms[0], extra))
+    kvasir, _ = cached_dataset(arm_params(args.arms[0], extra), args.work)
     records = read_manifest(kvasir)
     train, val, test = (labelled(records, s) for s in ("train", "val", "test"))
-    clinic = args.work / "cvc-clinicdb"
-    if args.test and not clinic.exists():
-        build_dataset(config.load([REPO / "params.yaml", REPO / "configs" / "cvc-clinicdb.yaml"], [
-            f"ingest.source={DATA / 'cvc-clinicdb'}", "ingest.split.train=0", "ingest.split.val=0", "ingest.split.test=1"]), clinic)
+    if args.test:  # all of CVC-ClinicDB, never trained on
+        clinic, _ = cached_dataset(config.load([REPO / "params.yaml", REPO / "configs" / "cvc-clinicdb.yaml"], [
+            f"ingest.source={DATA / 'cvc-clinicdb'}", "ingest.split.train=0", "ingest.split.val=0", "ingest.split.test=1"]),
+            args.work)
     frames = [np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8)
               for i in range(args.frames)]
     print(f"Kvasir-SEG: train {len(train)}, val {len(val)}, test {len(test)}; {args.threads} threads; "

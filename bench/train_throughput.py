@@ -35,10 +35,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import cached_dataset
 from lesionflow import config, losses, training
 from lesionflow.data.manifest import read_manifest
 from lesionflow.loop import TrainingLoop
-from lesionflow.steps.ingest import build_dataset
 from lesionflow.steps.train import new_segmenter
 from lesionflow.training import (
     SegmentationDataset,
@@ -82,14 +82,6 @@ def kvasir_params(extra: list[str]) -> config.Params:
                        [f"ingest.source={DATA / 'kvasir-seg'}", "train.device=cpu", *extra])
 
 
-def cached_kvasir(work: Path, params: config.Params) -> Path:
-    """The ingested Kvasir-SEG dataset under ``work``, built on first use (the benches share it)."""
-    kvasir = work / "kvasir-seg"
-    if not kvasir.exists():
-        build_dataset(params, kvasir)
-    return kvasir
-
-
 def train_throughput(params: config.Params, dataset_dir: Path, data: SegmentationDataset, steps: int,
                      layout: torch.memory_format = torch.channels_last) -> float:
     """Images/s of ``steps`` training steps as ``fit`` takes them (the first, warming allocators
@@ -124,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = kvasir_params(args.set)
-    kvasir = cached_kvasir(args.work, params)
+    kvasir, _ = cached_dataset(params, args.work)
     records = labelled(read_manifest(kvasir), "train")
     data = SegmentationDataset(kvasir, records, new_segmenter(params, kvasir), augment=params.train.augment,
                                seed=params.seed)
