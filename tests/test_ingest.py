@@ -30,6 +30,7 @@ from lesionflow.errors import (
     OrphanMaskError,
     UnreadableImageError,
 )
+from lesionflow.steps.ingest import build_dataset
 from tests.conftest import REPO, shared_dataset
 
 
@@ -288,8 +289,6 @@ def test_reingesting_with_extra_images_keeps_every_old_split(tmp_path):
 def test_the_split_follows_split_seed_and_not_the_training_seed(tmp_path):
     """Comparing training seeds must not move the test split: the ingest step keys the split hash
     with ``ingest.split_seed`` alone."""
-    from lesionflow.steps.ingest import build_dataset
-
     src = make_source(tmp_path / "src", n=30)
 
     def splits(*sets: str) -> dict[str, str]:
