@@ -177,7 +177,7 @@ def main() -> None:
         cfg = IngestConfig(source=str(work / "source"), metadata_csv="metadata.csv",
                            columns=MetadataColumns(frame=None, key_frame=None, area_ratio=None,
                                                    area_error=None))
-        _, t_ingest = timed(ingest, cfg, work / "files", seed=0)
+        _, t_ingest = timed(ingest, cfg, work / "files")
         index, t_shard = timed(write_shards, work / "files", work / "shards", args.shard_mb)
         rows = {}
         for layout in ("files", "shards"):

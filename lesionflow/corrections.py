@@ -108,8 +108,7 @@ def add(params: Params, source: str, *, model_version: str | None = None,
         predicted_by = _column(root, "model_version")
         reviewed_by = _column(root, "reviewer")
         batch_dir = tmp / "batch"
-        ingest(_batch_config(params, root), batch_dir, seed=params.ingest.split_seed,
-               key=load_key(params.runtime.resolved_workdir()))
+        ingest(_batch_config(params, root), batch_dir, key=load_key(params.runtime.resolved_workdir()))
         batch = read_manifest(batch_dir)
         _check_batch(batch, predicted_by, model_version)
         for version in sorted({predicted_by.get(r.id, model_version) for r in batch}):
@@ -206,7 +205,7 @@ def _batch_config(params: Params, root: Path) -> IngestConfig:
         source=str(root), metadata_csv=CSV if columns else None,
         columns=MetadataColumns(id="id", lesion_type="lesion_type" if "lesion_type" in columns else None),
         default_lesion_type=params.ingest.default_lesion_type, max_side=params.ingest.max_side,
-        split=SplitFractions(train=1.0, val=0.0, test=0.0))
+        split=SplitFractions(train=1.0, val=0.0, test=0.0), split_seed=params.ingest.split_seed)
 
 
 def _csv_rows(root: Path) -> tuple[list[str], list[dict[str, str]]]:

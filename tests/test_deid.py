@@ -315,7 +315,7 @@ def test_a_run_on_a_cluster_refuses_to_start_without_the_key(tmp_path, monkeypat
 def test_a_dicom_source_needs_a_key(tmp_path):
     save(phi_dataset(ct_with_lesion(0)[0]), tmp_path / "src" / "images" / "a.dcm")
     with pytest.raises(PseudonymKeyError, match="holds DICOM"):
-        ingest(IngestConfig(source=str(tmp_path / "src")), tmp_path / "out", seed=0)
+        ingest(IngestConfig(source=str(tmp_path / "src")), tmp_path / "out")
 
 
 def test_pseudonymize_ids_covers_any_source(tmp_path):
@@ -347,7 +347,7 @@ def test_pseudonymize_ids_covers_any_source(tmp_path):
     columns = MetadataColumns(id="id", group="patient", lesion_type="type")
 
     by_folder = IngestConfig(source=str(src), folder_fields=["lesion_type", "group"])
-    ingest(by_folder.model_copy(update={"pseudonymize_ids": True}), tmp_path / "folders", seed=0,
+    ingest(by_folder.model_copy(update={"pseudonymize_ids": True}), tmp_path / "folders",
            key=KEY)
     records = {r.id: r for r in read_manifest(tmp_path / "folders")}
     first = records[PSEUDONYMS.name(f"{FILE_NAME}0_0")]
@@ -357,7 +357,7 @@ def test_pseudonymize_ids_covers_any_source(tmp_path):
 
     cfg = IngestConfig(source=str(src), metadata_csv="meta.csv", columns=columns,
                        pseudonymize_ids=True)
-    ingest(cfg, tmp_path / "csv", seed=0, key=KEY)
+    ingest(cfg, tmp_path / "csv", key=KEY)
     records = {r.id: r for r in read_manifest(tmp_path / "csv")}
     second = records[PSEUDONYMS.name(f"{FILE_NAME}1_0")]
     assert second.group == PSEUDONYMS.name(PHI["PatientID"] + "1")
@@ -370,7 +370,7 @@ def test_pseudonymize_ids_covers_any_source(tmp_path):
             assert f.is_dir() or all(s.encode() not in f.read_bytes()
                                      for s in (FILE_NAME, PHI["PatientID"]))
 
-    ingest(by_folder, tmp_path / "plain", seed=0)  # without the option, names are kept
+    ingest(by_folder, tmp_path / "plain")  # without the option, names are kept
     assert f"{FILE_NAME}0_0" in {r.id for r in read_manifest(tmp_path / "plain")}
 
 
@@ -382,7 +382,7 @@ def test_a_metadata_csv_the_view_cannot_rewrite_is_still_named(tmp_path):
     cfg = IngestConfig(source=str(src), metadata_csv="meta.csv", pseudonymize_ids=True,
                        columns=MetadataColumns(group="patient"))
     with pytest.raises(MetadataError, match=r"\(pseudonymized\)/meta.csv is not UTF-8"):
-        ingest(cfg, tmp_path / "out", seed=0, key=KEY)
+        ingest(cfg, tmp_path / "out", key=KEY)
 
 
 # --- burned-in annotations ----------------------------------------------------------------------
@@ -395,11 +395,11 @@ def test_burned_in_annotation_is_refused_or_skipped_by_pseudonym(tmp_path):
     burned = PSEUDONYMS.name(f"{FILE_NAME}_2")
     with pytest.raises(BurnedInAnnotationError,
                        match=f"{burned}.dcm says BurnedInAnnotation YES") as err:
-        ingest(IngestConfig(source=str(src)), tmp_path / "raise", seed=0, key=KEY)
+        ingest(IngestConfig(source=str(src)), tmp_path / "raise", key=KEY)
     assert FILE_NAME not in str(err.value)
     assert not (tmp_path / "raise").exists()
 
-    report = ingest(IngestConfig(source=str(src), on_error="skip"), tmp_path / "skip", seed=0,
+    report = ingest(IngestConfig(source=str(src), on_error="skip"), tmp_path / "skip",
                     key=KEY)
     assert report.n_records == 1
     (skipped,) = report.skipped

@@ -277,7 +277,7 @@ def test_nnunet_export_and_ingest_round_trip(dataset, tmp_path):
 
     # the raw layout as an ingest source: same ids, lesion types and pixels
     again = tmp_path / "again"
-    ingest(IngestConfig(source=str(out)), again, seed=0)
+    ingest(IngestConfig(source=str(out)), again)
     back = {r.id: r for r in read_manifest(again)}
     assert sorted(back) == sorted(records)
     for rid, r in records.items():
@@ -303,7 +303,7 @@ def test_malformed_nnunet_sources_are_named_errors(dataset, tmp_path, break_it, 
     export(dataset_items(dataset), "nnunet", out)
     break_it(out)
     with pytest.raises(AnnotationFormatError, match=message):
-        ingest(IngestConfig(source=str(out)), tmp_path / "never", seed=0)
+        ingest(IngestConfig(source=str(out)), tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
 

@@ -86,7 +86,7 @@ def test_folder_becomes_a_complete_dataset(tmp_path, out):
     Image.new("RGBA", (20, 16), (10, 20, 30, 128)).save(src / "images" / "rgba.png")
     Image.new("P", (20, 16), 3).save(src / "images" / "anim.gif")
     (src / "images" / "notes.txt").write_text("not an image: ignored")
-    report = ingest(cfg(src), out, seed=0)
+    report = ingest(cfg(src), out)
 
     records = read_manifest(out)
     assert report.n_records == len(records) == 13
@@ -110,9 +110,9 @@ def test_folder_becomes_a_complete_dataset(tmp_path, out):
 
 def test_same_input_and_seed_give_identical_bytes(tmp_path):
     src = make_source(tmp_path / "src", n=20)
-    a = ingest(cfg(src), tmp_path / "a", seed=3)
-    ingest(cfg(src), tmp_path / "b", seed=3)
-    ingest(cfg(src), tmp_path / "c", seed=4)
+    a = ingest(cfg(src, split_seed=3), tmp_path / "a")
+    ingest(cfg(src, split_seed=3), tmp_path / "b")
+    ingest(cfg(src, split_seed=4), tmp_path / "c")
     for name in (MANIFEST, "fingerprint.json", REPORT):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert listing(tmp_path / "a") == listing(tmp_path / "b")
@@ -122,14 +122,14 @@ def test_same_input_and_seed_give_identical_bytes(tmp_path):
 
 def test_existing_empty_out_dir_is_filled(tmp_path, out):
     out.mkdir()
-    ingest(cfg(make_source(tmp_path / "src", n=4)), out, seed=0)
+    ingest(cfg(make_source(tmp_path / "src", n=4)), out)
     assert len(read_manifest(out)) == 4
 
 
 def test_resize_keeps_aspect_and_mask_alignment(tmp_path, out):
     src = tmp_path / "src"
     write_pair(src, "wide", seed=1, size=(100, 60))
-    ingest(cfg(src, max_side=32), out, seed=0)
+    ingest(cfg(src, max_side=32), out)
     (r,) = read_manifest(out)
     assert (r.width, r.height) == (32, 19)
     assert Image.open(out / r.mask).size == (32, 19)
@@ -141,7 +141,7 @@ def test_folder_fields_give_lesion_type_and_group(tmp_path, out):
         for p in range(4):
             for k in range(2):
                 write_pair(src, f"{t}/{t}_pat{p}/{t}_{p}_{k}", seed=100 * i + 10 * p + k)
-    report = ingest(cfg(src, folder_fields=["lesion_type", "group"]), out, seed=0)
+    report = ingest(cfg(src, folder_fields=["lesion_type", "group"]), out)
     records = read_manifest(out)
     assert report.counts["lesion_type"] == {"benign": 8, "malignant": 8}
     benign_groups = {r.group for r in records if r.lesion_type == "benign"}
@@ -163,7 +163,7 @@ def test_weak_labels_and_unlabelled(tmp_path, out):
         {"id": "img_00", "ratio": "0.2", "err": ""},
     ])
     ingest(cfg(src, metadata_csv="meta.csv",
-               columns={"id": "id", "area_ratio": "ratio", "area_error": "err"}), out, seed=0)
+               columns={"id": "id", "area_ratio": "ratio", "area_error": "err"}), out)
     by_id = {r.id: r for r in read_manifest(out)}
     weak = by_id["weak_0"]
     assert (weak.kind, weak.area_ratio, weak.area_error) == ("weak", 0.25, 0.05)
@@ -186,7 +186,7 @@ def test_video_frames_with_key_frames(tmp_path, out):
     rows.append({"id": "still_a", "video": "pat_a", "frame": "", "key": ""})
     write_csv(src / "meta.csv", rows)
     ingest(cfg(src, metadata_csv="meta.csv", columns={"id": "id", "group": "video", "frame": "frame",
-                                                       "key_frame": "key"}), out, seed=0)
+                                                       "key_frame": "key"}), out)
     by_id = {r.id: r for r in read_manifest(out)}
     v1 = [by_id[f"v1_f{t}"] for t in range(5)]
     assert all(r.kind == "video_frame" and r.group == "vid1" for r in v1)
@@ -213,7 +213,7 @@ def test_identical_pixels_merge_groups(tmp_path, out):
     # constant images are identical but say nothing about a patient: not merged
     Image.new("L", (8, 8), 0).save(src / "images/black_1.png")
     Image.new("L", (8, 8), 0).save(src / "images/black_2.png")
-    report = ingest(cfg(src), out, seed=0)
+    report = ingest(cfg(src), out)
     assert report.merged_groups == [["copy_png", "copy_tif", "img_00"]]
     by_id = {r.id: r for r in read_manifest(out)}
     assert {by_id[i].group for i in ("copy_png", "copy_tif", "img_00")} == {"copy_png"}
@@ -271,14 +271,14 @@ def test_reingesting_with_extra_images_keeps_every_old_split(tmp_path):
         rows.append({"id": f"img_{i:02d}", "patient": f"p{i % 12:02d}"})
     write_csv(src / "meta.csv", rows)
     settings = {"metadata_csv": "meta.csv", "columns": {"id": "id", "group": "patient"}}
-    ingest(cfg(src, **settings), tmp_path / "v1", seed=0)
+    ingest(cfg(src, **settings), tmp_path / "v1")
     before = {r.id: r.split for r in read_manifest(tmp_path / "v1")}
 
     for i in range(40, 60):  # more images of old patients, and new patients
         write_pair(src, f"img_{i:02d}", seed=i)
         rows.append({"id": f"img_{i:02d}", "patient": f"p{i % 18:02d}"})
     write_csv(src / "meta.csv", rows)
-    ingest(cfg(src, **settings), tmp_path / "v2", seed=0)
+    ingest(cfg(src, **settings), tmp_path / "v2")
     after = read_manifest(tmp_path / "v2")
     assert len(after) == 60
     assert {r.id: r.split for r in after if r.id in before} == before
@@ -307,7 +307,7 @@ def test_cvc_clinicdb_sequences_stay_whole_and_every_split_is_filled(tmp_path):
     src = shared_dataset("cvc-clinicdb")
     params = config.load([REPO / "params.yaml", REPO / "configs/cvc-clinicdb.yaml"],
                          overrides=[f"ingest.source={src}", "ingest.max_side=32"])
-    ingest(params.ingest, tmp_path / "cvc", seed=params.seed)
+    ingest(params.ingest, tmp_path / "cvc")
     records = read_manifest(tmp_path / "cvc")
     with open(src / "sequences.csv", newline="") as f:
         sequence_of = {row["frame"]: row["sequence"] for row in csv.DictReader(f)}
@@ -382,7 +382,7 @@ def test_bad_input_raises_naming_it_and_writes_nothing(tmp_path, out, make_bad, 
         out.mkdir()
     before = listing(out.parent)
     with pytest.raises(error) as info:
-        ingest(cfg(src, **extra), out, seed=0)
+        ingest(cfg(src, **extra), out)
     for name in names:
         assert name in str(info.value)
     assert listing(out.parent) == before
@@ -393,9 +393,9 @@ def test_empty_source_raises(tmp_path, out):
     (tmp_path / "src/images/notes.txt").write_text("no images here")
     for on_error in ("raise", "skip"):
         with pytest.raises(EmptySourceError, match="src"):
-            ingest(cfg(tmp_path / "src", on_error=on_error), out, seed=0)
+            ingest(cfg(tmp_path / "src", on_error=on_error), out)
     with pytest.raises(EmptySourceError, match="missing"):
-        ingest(cfg(tmp_path / "missing"), out, seed=0)
+        ingest(cfg(tmp_path / "missing"), out)
     assert listing(out.parent) == []
 
 
@@ -403,7 +403,7 @@ def test_non_empty_out_dir_is_refused(tmp_path, out):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(IngestError, match="dataset"):
-        ingest(cfg(make_source(tmp_path / "src", n=3)), out, seed=0)
+        ingest(cfg(make_source(tmp_path / "src", n=3)), out)
     assert listing(out.parent) == ["dataset", "dataset/keep.txt"]
 
 
@@ -415,7 +415,7 @@ def test_skip_mode_reports_and_leaves_out_bad_records(tmp_path, out):
     write_pair(src, "weak", seed=54, mask=False)
     write_csv(src / "meta.csv", [{"id": "weak", "ratio": "-0.1"}])
     report = ingest(cfg(src, on_error="skip", metadata_csv="meta.csv", columns={"area_ratio": "ratio"}),
-                    out, seed=0)
+                    out)
     skipped = {s["path"]: s["reason"].split(":")[0] for s in report.skipped}
     assert skipped == {
         "images/broken.png": "UnreadableImageError",
@@ -437,8 +437,8 @@ def test_masks_next_to_images_with_suffix(tmp_path, out):
     for i in range(3):
         write_pair(src, f"case{i}", seed=i)
         (src / "masks" / f"case{i}.png").rename(src / "images" / f"case{i}_mask.png")
-    report = ingest(cfg(src, masks_dir="images", mask_suffix="_mask"), out, seed=0)
+    report = ingest(cfg(src, masks_dir="images", mask_suffix="_mask"), out)
     assert report.counts["kind"] == {"still": 3}
     assert {r.id for r in read_manifest(out)} == {"case0", "case1", "case2"}
     with pytest.raises(IngestError, match="mask_suffix"):
-        ingest(cfg(src, masks_dir="images"), out.parent / "other", seed=0)
+        ingest(cfg(src, masks_dir="images"), out.parent / "other")

@@ -108,7 +108,7 @@ def test_dicom_ingest_leaks_no_identifier(tmp_path):
         write_dicom(src / "images" / f"Doe_Jane_scan{i}.dcm", ct_pixels(i))
         Image.fromarray(blob_mask((24, 32))).save(src / "masks" / f"Doe_Jane_scan{i}.png")
     write_dicom(src / "images" / "other.dcm", ct_pixels(9), patient_id="99999")
-    ingest(IngestConfig(source=str(src)), out, seed=0, key=KEY)
+    ingest(IngestConfig(source=str(src)), out, key=KEY)
 
     by_id = {r.id: r for r in read_manifest(out)}
     scan0, scan1, other = (by_id[PSEUDONYMS.name(s)] for s in ("Doe_Jane_scan0", "Doe_Jane_scan1",
@@ -133,7 +133,7 @@ def test_16bit_tiff_is_scaled_to_8bit(tmp_path):
     ramp = np.linspace(1000, 5000, 20 * 30).reshape(20, 30).astype(np.uint16)
     tifffile.imwrite(src / "images" / "ramp.tif", ramp)
     tifffile.imwrite(src / "masks" / "ramp.tiff", (blob_mask((20, 30)) > 0).astype(np.uint16) * 7)
-    ingest(IngestConfig(source=str(src)), out, seed=0)
+    ingest(IngestConfig(source=str(src)), out)
     (r,) = read_manifest(out)
     image = np.asarray(Image.open(out / r.image))
     assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
@@ -165,7 +165,7 @@ def test_volumes_become_slice_records(tmp_path, fmt):
     assert volume.shape == (16, 12, 5)
     assert voxel == ((1.0, 1.0, 1.0) if fmt == "nifti" else None)  # bare NRRD: no geometry
 
-    ingest(IngestConfig(source=str(src), volume_slice_axis=2), out, seed=0)
+    ingest(IngestConfig(source=str(src), volume_slice_axis=2), out)
     records = read_manifest(out)
     assert [r.id for r in records] == [f"ct_s{k:03d}" for k in range(5)]
     assert {(r.group, r.height, r.width, r.kind) for r in records} == {("ct", 16, 12, "still")}
@@ -174,7 +174,7 @@ def test_volumes_become_slice_records(tmp_path, fmt):
     areas = [int((np.asarray(Image.open(out / r.mask)) > 0).sum()) for r in records]
     assert areas == [0, 12, 12, 12, 0]
 
-    ingest(IngestConfig(source=str(src), volume_slice_axis=0), tmp_path / "out0", seed=0)
+    ingest(IngestConfig(source=str(src), volume_slice_axis=0), tmp_path / "out0")
     records = read_manifest(tmp_path / "out0")
     assert len(records) == 16 and (records[0].height, records[0].width) == (12, 5)
 
@@ -189,13 +189,13 @@ def test_dicom_pixel_spacing_reaches_the_record_and_scales_with_it(tmp_path):
     Image.fromarray(blob_mask((24, 32))).save(src / "images" / "photo.png")
     assert read_dicom(src / "images" / "ct.dcm", PSEUDONYMS).spacing == (0.5, 0.8)
 
-    ingest(IngestConfig(source=str(src)), tmp_path / "full", seed=0, key=KEY)
+    ingest(IngestConfig(source=str(src)), tmp_path / "full", key=KEY)
     spacing = {r.id: r.spacing for r in read_manifest(tmp_path / "full")}
     assert spacing == {PSEUDONYMS.name("ct"): (0.5, 0.8), PSEUDONYMS.name("xray"): (0.15, 0.15),
                        PSEUDONYMS.name("unknown"): None, PSEUDONYMS.name("photo"): None}
 
     # 24x32 → 12x16: every stored pixel covers twice the mm along both axes
-    ingest(IngestConfig(source=str(src), max_side=16), tmp_path / "small", seed=0, key=KEY)
+    ingest(IngestConfig(source=str(src), max_side=16), tmp_path / "small", key=KEY)
     ct = next(r for r in read_manifest(tmp_path / "small") if r.id == PSEUDONYMS.name("ct"))
     assert (ct.height, ct.width) == (12, 16)
     assert ct.spacing == pytest.approx((1.0, 1.6))
@@ -230,7 +230,7 @@ def test_nifti_is_sliced_in_canonical_orientation_with_in_plane_spacing(tmp_path
     assert np.array_equal(volume, np.asanyarray(nibabel.as_closest_canonical(scanner).dataobj))
     assert voxel == pytest.approx((0.9, 2.5, 0.7))
 
-    ingest(IngestConfig(source=str(src), volume_slice_axis=2), out, seed=0)
+    ingest(IngestConfig(source=str(src), volume_slice_axis=2), out)
     records = {r.id: r for r in read_manifest(out)}
     assert [k for k in records if k.startswith("scanner")] == [f"scanner_s{k:03d}" for k in range(6)]
     assert all(r.spacing == pytest.approx((0.9, 2.5)) for r in records.values())
@@ -239,7 +239,7 @@ def test_nifti_is_sliced_in_canonical_orientation_with_in_plane_spacing(tmp_path
         for a, b in zip(_slices(out, "scanner", key), _slices(out, "canon", key), strict=True):
             assert np.array_equal(a, b)
 
-    ingest(IngestConfig(source=str(src), volume_slice_axis=0), tmp_path / "sagittal", seed=0)
+    ingest(IngestConfig(source=str(src), volume_slice_axis=0), tmp_path / "sagittal")
     (first, *_) = (r for r in read_manifest(tmp_path / "sagittal") if r.id.startswith("scanner"))
     assert (first.height, first.width) == (10, 6) and first.spacing == pytest.approx((2.5, 0.7))
 
@@ -258,13 +258,12 @@ def test_nrrd_spacing_and_lps_orientation(tmp_path):
     volume, voxel = read_volume(src / "images" / "bare.nrrd")
     assert np.array_equal(volume, image) and voxel == pytest.approx((0.6, 0.8, 3.0))
 
-    ingest(IngestConfig(source=str(src), volume_slice_axis=2), tmp_path / "out", seed=0)
+    ingest(IngestConfig(source=str(src), volume_slice_axis=2), tmp_path / "out")
     assert all(r.spacing == pytest.approx((0.6, 0.8)) for r in read_manifest(tmp_path / "out"))
     for lps, bare in zip(_slices(tmp_path / "out", "lps"), _slices(tmp_path / "out", "bare"),
                          strict=True):
         assert np.array_equal(lps, bare[::-1, ::-1])
-    ingest(IngestConfig(source=str(src), volume_slice_axis=1, max_side=16), tmp_path / "small",
-           seed=0)
+    ingest(IngestConfig(source=str(src), volume_slice_axis=1, max_side=16), tmp_path / "small")
     record = read_manifest(tmp_path / "small")[0]  # 40 x 5 slices shrunk to 16 x 2
     assert (record.height, record.width) == (16, 2)
     assert record.spacing == pytest.approx((0.6 * 40 / 16, 3.0 * 5 / 2))
@@ -278,7 +277,7 @@ def test_volume_mask_shape_mismatch_is_named(tmp_path):
     nrrd.write(str(src / "images" / "ct.nrrd"), image)
     nrrd.write(str(src / "masks" / "ct.nrrd"), mask[:, :, :4])
     with pytest.raises(MaskSizeMismatchError, match="ct.nrrd"):
-        ingest(IngestConfig(source=str(src)), tmp_path / "out", seed=0)
+        ingest(IngestConfig(source=str(src)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -25,7 +25,7 @@ def test_cvc_clinicdb_splits_by_sequence(tmp_path):
     src = shared_dataset("cvc-clinicdb")
     cfg = IngestConfig(source=str(src), metadata_csv="sequences.csv", default_lesion_type="polyp",
                        columns={"id": "frame", "group": "sequence", "frame": "frame"})
-    report = ingest(cfg, tmp_path / "cvc", seed=0)
+    report = ingest(cfg, tmp_path / "cvc")
     records = read_manifest(tmp_path / "cvc")
     assert report.n_records == len(records) == 612
     groups = splits_per_group(records)
@@ -42,7 +42,7 @@ def test_busi_types_empty_normals_and_duplicate_pair(tmp_path):
     src = shared_dataset("busi")
     cfg = IngestConfig(source=str(src), metadata_csv="labels.csv",
                        columns={"id": "id", "lesion_type": "lesion_type"})
-    report = ingest(cfg, tmp_path / "busi", seed=0)
+    report = ingest(cfg, tmp_path / "busi")
     records = read_manifest(tmp_path / "busi")
     assert report.counts["lesion_type"] == {"benign": 437, "malignant": 210, "normal": 133}
     assert Counter(r.channels for r in records) == {1: 780}
@@ -61,7 +61,7 @@ def test_busi_types_empty_normals_and_duplicate_pair(tmp_path):
 def test_kvasir_seg_downscaled(tmp_path):
     src = shared_dataset("kvasir-seg")
     cfg = IngestConfig(source=str(src), max_side=256, default_lesion_type="polyp")
-    report = ingest(cfg, tmp_path / "kvasir", seed=0)
+    report = ingest(cfg, tmp_path / "kvasir")
     records = read_manifest(tmp_path / "kvasir")
     assert report.n_records == len(records) == 1000
     assert max(max(r.height, r.width) for r in records) == 256

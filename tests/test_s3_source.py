@@ -55,8 +55,8 @@ def test_s3_prefix_gives_the_same_dataset_as_the_folder(tmp_path, s3_server, s3_
     client.put_object(Bucket=s3_bucket, Key="raw/v10/images/intruder.png", Body=b"x")
     client.put_object(Bucket=s3_bucket, Key="raw/v1/images/", Body=b"")  # console "folder" marker
 
-    ingest(cfg(str(src)), tmp_path / "local", seed=7)
-    report = ingest(cfg(f"s3://{s3_bucket}/raw/v1/"), tmp_path / "remote", seed=7,
+    ingest(cfg(str(src), split_seed=7), tmp_path / "local")
+    report = ingest(cfg(f"s3://{s3_bucket}/raw/v1/", split_seed=7), tmp_path / "remote",
                     endpoint_url=s3_server)
     assert report.n_records == 6
     for name in (MANIFEST, "fingerprint.json", "ingest_report.json"):
@@ -77,7 +77,7 @@ def test_endpoint_from_environment(tmp_path, s3_server, s3_bucket, monkeypatch):
 def test_empty_prefix_raises_naming_the_url(tmp_path, s3_server, s3_bucket):
     url = f"s3://{s3_bucket}/nothing/here"
     with pytest.raises(EmptySourceError, match=url):
-        ingest(cfg(url), tmp_path / "out", seed=0, endpoint_url=s3_server)
+        ingest(cfg(url), tmp_path / "out", endpoint_url=s3_server)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -86,5 +86,5 @@ def test_bad_file_in_s3_is_named_by_its_url(tmp_path, s3_server, s3_bucket):
     (src / "images/case0.png").write_bytes(b"corrupt")
     upload(boto3.client("s3", endpoint_url=s3_server), s3_bucket, src, "in")
     with pytest.raises(UnreadableImageError, match=f"s3://{s3_bucket}/in/images/case0.png"):
-        ingest(cfg(f"s3://{s3_bucket}/in"), tmp_path / "out", seed=0, endpoint_url=s3_server)
+        ingest(cfg(f"s3://{s3_bucket}/in"), tmp_path / "out", endpoint_url=s3_server)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -46,7 +46,7 @@ def files_dataset(tmp_path_factory) -> Path:
         SyntheticConfig(n_images=40, n_videos=1, frames_per_video=4, size=48, n_weak=3), tmp / "src", seed=0)
     cfg = IngestConfig(source=str(source), metadata_csv=synthetic.METADATA_CSV,
                        columns=MetadataColumns(**synthetic.COLUMNS))
-    ingest(cfg, tmp / "files", seed=0)
+    ingest(cfg, tmp / "files")
     return tmp / "files"
 
 

@@ -517,7 +517,7 @@ def _kind(fields: _Fields, has_mask: bool, frame_configured: bool) -> str:
     return "unlabelled"
 
 
-def _build_records(converted: list[tuple[_Item, _Converted]], cfg: IngestConfig, seed: int
+def _build_records(converted: list[tuple[_Item, _Converted]], cfg: IngestConfig
                    ) -> tuple[list[Record], list[list[str]]]:
     lesion_types, groups, hashes = {}, {}, {}
     for item, c in converted:
@@ -527,7 +527,7 @@ def _build_records(converted: list[tuple[_Item, _Converted]], cfg: IngestConfig,
                         or (item.stem if item.is_volume else c.id))
         hashes[c.id] = c.pixel_sha256
     final_group, merged = _union_groups(groups, hashes)
-    split_of = assign_splits(final_group.values(), cfg.split.model_dump(), seed)
+    split_of = assign_splits(final_group.values(), cfg.split.model_dump(), cfg.split_seed)
 
     records = []
     for item, c in converted:
@@ -632,10 +632,10 @@ def _write_headers(dataset_dir: Path, converted: list[tuple[_Item, _Converted]])
             json.dumps({"id": i, "header": h}, sort_keys=True) + "\n" for i, h in headers))
 
 
-def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | None = None,
+def ingest(cfg: IngestConfig, out_dir: Path, *, endpoint_url: str | None = None,
            key: bytes | None = None) -> IngestReport:
-    """Build the canonical dataset for ``cfg.source`` in ``out_dir`` (absent or empty), ``seed``
-    keying the split hash (the steps pass ``ingest.split_seed``). ``key``
+    """Build the canonical dataset for ``cfg.source`` in ``out_dir`` (absent or empty), split by
+    a hash keyed by ``cfg.split_seed``. ``key``
     (``deid.load_key``) keys the pseudonyms a DICOM source, or ``pseudonymize_ids``, needs."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
@@ -671,7 +671,7 @@ def ingest(cfg: IngestConfig, out_dir: Path, *, seed: int, endpoint_url: str | N
             if not converted:
                 raise EmptySourceError(f"every file of ingest source {display_root} was skipped: "
                                        + "; ".join(s["reason"] for s in problems.skipped[:3]))
-            records, merged = _build_records(converted, cfg, seed)
+            records, merged = _build_records(converted, cfg)
             records = [_into_video_folder(r, tmp) if r.kind == "video_frame" else r for r in records]
             report = IngestReport(
                 n_records=len(records),

@@ -32,14 +32,13 @@ def build_dataset(params: Params, out_dir: Path) -> IngestReport:
     cfg = params.ingest
     key = load_key(params.runtime.resolved_workdir())
     if cfg.source != "synthetic":
-        return ingest(cfg, out_dir, seed=cfg.split_seed, endpoint_url=params.runtime.s3_endpoint_url,
-                      key=key)
+        return ingest(cfg, out_dir, endpoint_url=params.runtime.s3_endpoint_url, key=key)
     with tempfile.TemporaryDirectory(prefix="lesionflow-synthetic-") as tmp:
         root = synthetic.make_synthetic_source(params.synthetic, Path(tmp), params.seed)
         cfg = cfg.model_copy(update={
             "source": str(root), "metadata_csv": synthetic.METADATA_CSV,
             "columns": MetadataColumns(**synthetic.COLUMNS), "folder_fields": []})
-        return ingest(cfg, out_dir, seed=cfg.split_seed, key=key)
+        return ingest(cfg, out_dir, key=key)
 
 
 def version_and_log(params: Params, dataset_dir: Path, role: str = "ingested") -> DatasetVersion:
