@@ -172,6 +172,9 @@ class SyntheticConfig(_Section):
         ["round", "elongated"], description="shapes drawn, one lesion type each")
     n_weak: int = Field(
         8, ge=0, description="extra stills with an area ratio (± area_error) instead of a mask")
+    seed: int = Field(
+        0, description="seeds the drawing; apart from the top-level seed, so training seeds are "
+        "compared on one dataset")
 
 
 class ModelConfig(_Section):
@@ -607,8 +610,8 @@ class ClusterConfig(_Section):
 class Params(_Section):
     """The root of ``params.yaml``."""
 
-    seed: int = Field(0, description="seeds synthetic data, initial weights and sampling (the split: "
-                      "ingest.split_seed)")
+    seed: int = Field(0, description="seeds initial weights, sampling and augmentation (the split: "
+                      "ingest.split_seed; synthetic data: synthetic.seed)")
     runtime: RuntimeConfig = Field(
         RuntimeConfig(), description="where things live (not part of params_hash)")
     ingest: IngestConfig = Field(

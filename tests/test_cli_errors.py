@@ -68,7 +68,7 @@ def outside(tmp_path, monkeypatch):
 def source(tmp_path_factory) -> Path:
     """A small valid source folder (images/, masks/, metadata.csv) that the cases break copies of."""
     cfg = config.SyntheticConfig(n_images=8, n_videos=0, n_weak=0, size=32)
-    return synthetic.make_synthetic_source(cfg, tmp_path_factory.mktemp("source") / "src", seed=0)
+    return synthetic.make_synthetic_source(cfg, tmp_path_factory.mktemp("source") / "src")
 
 
 META = ["--set", "ingest.metadata_csv=metadata.csv", "--set", "ingest.columns.lesion_type=lesion_type",

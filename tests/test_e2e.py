@@ -84,8 +84,8 @@ def test_serve_refuse_correct_retrain_rollback(tmp_path):
     assert "registered       lesionflow-segmenter v1" in out
 
     # device images the model never saw: another synthetic draw
-    source = synthetic.make_synthetic_source(config.load(REPO / "params.yaml").synthetic,
-                                             tmp_path / "device", seed=7)
+    source = synthetic.make_synthetic_source(
+        config.load(REPO / "params.yaml", ["synthetic.seed=7"]).synthetic, tmp_path / "device")
     stills = sorted((source / "images").glob("still_*.png"))[:6]
 
     port = free_port()
@@ -172,7 +172,8 @@ def test_two_retrains_started_at_once_train_once(tmp_path, mlflow_server):
         registry.register_model(Segmenter(UNet(3, 4, 2), 64, [0.0] * 3, [1.0] * 3), name="ticks",
                                 metrics={}, lineage={lineage.TAG_DATASET_MD5: "0" * 32 + ".dir",
                                                      lineage.TAG_PARAMS_HASH: "p", lineage.TAG_PIPELINE_RUN_ID: "r"})
-    source = synthetic.make_synthetic_source(params.synthetic, tmp_path / "device", seed=7)
+    source = synthetic.make_synthetic_source(params.synthetic.model_copy(update={"seed": 7}),
+                                           tmp_path / "device")
     stills = sorted((source / "images").glob("still_*.png"))[:2]
     lesionflow(tmp_path / "setup", "corrections", "add", "--source",
                str(reviewer_batch(tmp_path / "batch", stills, source / "masks", "1")), extra=tuple(shared))

@@ -43,7 +43,7 @@ def files_dataset(tmp_path_factory) -> Path:
     """A real ingested dataset: stills, one video and weak (maskless) records in three splits."""
     tmp = tmp_path_factory.mktemp("shards")
     source = synthetic.make_synthetic_source(
-        SyntheticConfig(n_images=40, n_videos=1, frames_per_video=4, size=48, n_weak=3), tmp / "src", seed=0)
+        SyntheticConfig(n_images=40, n_videos=1, frames_per_video=4, size=48, n_weak=3), tmp / "src")
     cfg = IngestConfig(source=str(source), metadata_csv=synthetic.METADATA_CSV,
                        columns=MetadataColumns(**synthetic.COLUMNS))
     ingest(cfg, tmp / "files")

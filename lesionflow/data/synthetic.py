@@ -63,10 +63,10 @@ def _shape(rng: np.random.Generator, size: int, lesion_type: str) -> dict:
     )
 
 
-def make_synthetic_source(cfg: SyntheticConfig, root: Path, seed: int) -> Path:
+def make_synthetic_source(cfg: SyntheticConfig, root: Path) -> Path:
     """Write ``cfg.n_images`` stills, ``cfg.n_videos`` videos and ``cfg.n_weak`` weak stills (an
-    area ratio in the metadata, no mask) under ``root``; return ``root``."""
-    rng = np.random.default_rng(seed)
+    area ratio in the metadata, no mask), drawn from ``cfg.seed``, under ``root``; return ``root``."""
+    rng = np.random.default_rng(cfg.seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -34,7 +34,7 @@ def build_dataset(params: Params, out_dir: Path) -> IngestReport:
     if cfg.source != "synthetic":
         return ingest(cfg, out_dir, endpoint_url=params.runtime.s3_endpoint_url, key=key)
     with tempfile.TemporaryDirectory(prefix="lesionflow-synthetic-") as tmp:
-        root = synthetic.make_synthetic_source(params.synthetic, Path(tmp), params.seed)
+        root = synthetic.make_synthetic_source(params.synthetic, Path(tmp))
         cfg = cfg.model_copy(update={
             "source": str(root), "metadata_csv": synthetic.METADATA_CSV,
             "columns": MetadataColumns(**synthetic.COLUMNS), "folder_fields": []})
