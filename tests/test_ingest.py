@@ -286,17 +286,20 @@ def test_reingesting_with_extra_images_keeps_every_old_split(tmp_path):
     assert all(r.split == split_of[r.group] for r in after)
 
 
+def built(tmp_path: Path, *sets: str) -> list:
+    """The records ``build_dataset`` (what the ingest step runs) makes from params.yaml + ``sets``."""
+    out = tmp_path / "-".join(sets)
+    build_dataset(config.load(REPO / "params.yaml", [f"runtime.workdir={tmp_path / 'work'}", *sets]), out)
+    return read_manifest(out)
+
+
 def test_the_split_follows_split_seed_and_not_the_training_seed(tmp_path):
     """Comparing training seeds must not move the test split: the ingest step keys the split hash
     with ``ingest.split_seed`` alone."""
     src = make_source(tmp_path / "src", n=30)
 
     def splits(*sets: str) -> dict[str, str]:
-        out = tmp_path / "-".join(sets)
-        params = config.load(REPO / "params.yaml", [
-            f"runtime.workdir={tmp_path / 'work'}", f"ingest.source={src}", *sets])
-        build_dataset(params, out)
-        return {r.id: r.split for r in read_manifest(out)}
+        return {r.id: r.split for r in built(tmp_path, f"ingest.source={src}", *sets)}
 
     fixed = splits("seed=0")
     assert splits("seed=1") == fixed
@@ -306,12 +309,9 @@ def test_the_split_follows_split_seed_and_not_the_training_seed(tmp_path):
 def test_synthetic_data_follows_synthetic_seed_and_not_the_training_seed(tmp_path):
     """The quick start's seeds are compared on one dataset: ``synthetic.seed`` draws the data."""
     def pixels(*sets: str) -> list[tuple[str, str, str, str | None]]:
-        out = tmp_path / "-".join(sets)
-        params = config.load(REPO / "params.yaml", [
-            f"runtime.workdir={tmp_path / 'work'}", "ingest.source=synthetic", "synthetic.n_images=8",
-            "synthetic.n_videos=1", "synthetic.n_weak=2", *sets])
-        build_dataset(params, out)
-        return [(r.id, r.split, r.image_sha256, r.mask_sha256) for r in read_manifest(out)]
+        return [(r.id, r.split, r.image_sha256, r.mask_sha256) for r in built(
+            tmp_path, "ingest.source=synthetic", "synthetic.n_images=8", "synthetic.n_videos=1",
+            "synthetic.n_weak=2", *sets)]
 
     fixed = pixels("seed=0")
     assert pixels("seed=1") == fixed
