@@ -226,6 +226,11 @@ class TrainConfig(_Section):
     deep_supervision: float = Field(
         0.0, ge=0, description="resunet: weight of the loss on each coarser decoder level's own "
         "logits (0: off)")
+    scales: list[float] = Field(
+        [1.0], min_length=1, description="multi-scale training (plain training): each step resizes "
+        "its batch to image_size times one of these, drawn at random and rounded to the network's "
+        "multiple (PraNet trains at 0.75, 1, 1.25); validation and the registered model stay at "
+        "image_size")
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep an exponential moving average of the weights with this "
         "decay, validate and ship it (null: off)")
@@ -253,6 +258,13 @@ class TrainConfig(_Section):
     def _augment_flag(cls, value: Any) -> Any:
         """Older files say ``augment: true/false``; that meant flips or nothing."""
         return {True: "flips", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if any(scale <= 0 for scale in value):
+            raise ValueError(f"scales must all be > 0, got {value}")
+        return value
 
     @field_validator("init_from")
     @classmethod

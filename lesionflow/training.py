@@ -7,12 +7,14 @@ plain baseline it is compared against.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -133,6 +135,7 @@ def fit(model: Segmenter, train: SegmentationDataset | IterableDataset, val: Seg
     device = pick_device(cfg.device)
     model.to(device)
     loader, sampler = train_loader(train, cfg, seed)
+    rescale = BatchRescaler(cfg.scales, model.image_size, model.net.multiple, seed)
     loop = TrainingLoop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.epochs * len(loader),
                         ema_decay=cfg.ema_decay, max_minutes=cfg.max_minutes, precision=cfg.precision)
     history: list[dict] = []
@@ -144,7 +147,7 @@ def fit(model: Segmenter, train: SegmentationDataset | IterableDataset, val: Seg
         losses = []
         for image, mask, weight in progress(loader, f"epoch {epoch + 1}/{epochs}"):
             with loop.forward_context():
-                loss = training_loss(model, image.to(device), mask.to(device), weight.to(device), cfg)
+                loss = training_loss(model, *rescale(image.to(device), mask.to(device)), weight.to(device), cfg)
             losses.append(loop.step(loss))
         row = {"epoch": epoch, **distributed.mean_over_ranks({"train_loss": float(np.mean(losses))}),
                "val_dice": validation_dice(loop.shipped, val, device, cfg.batch_size),
@@ -160,6 +163,26 @@ def fit(model: Segmenter, train: SegmentationDataset | IterableDataset, val: Seg
                   f"{planned} epochs would not fit; the schedule now ends after epoch {epochs}")
     loop.finish()
     return FitResult(loop.best_at, loop.best_score, len(history), loop.seconds, history)
+
+
+class BatchRescaler:
+    """Multi-scale training: each batch resized to one of the sides ``scales`` give at
+    ``image_size``, rounded to the network's ``multiple``. The draw has its own generator, so the
+    weights, shuffling and augmentation streams are those of a run at one scale, and
+    ``scales: [1.0]`` trains exactly as before."""
+
+    def __init__(self, scales: list[float], image_size: int, multiple: int, seed: int):
+        self.sides = sorted({max(multiple, round(image_size * scale / multiple) * multiple)
+                             for scale in scales})
+        self.rng = random.Random(seed)
+
+    def __call__(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        side = self.rng.choice(self.sides) if len(self.sides) > 1 else self.sides[0]
+        if side == image.shape[-1] == image.shape[-2]:
+            return image, target
+        # nearest keeps the target's three values (lesion, background, ignore) apart
+        return (F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False),
+                F.interpolate(target, size=(side, side), mode="nearest"))
 
 
 def train_loader(train: SegmentationDataset | IterableDataset, cfg: TrainConfig,

@@ -17,7 +17,13 @@ from lesionflow.models import build_model
 from lesionflow.models.resunet import ResUNet
 from lesionflow.models.segmenter import Segmenter
 from lesionflow.reproduce import schedule_as_trained
-from lesionflow.training import SegmentationDataset, fit, reseed_worker, training_loss
+from lesionflow.training import (
+    BatchRescaler,
+    SegmentationDataset,
+    fit,
+    reseed_worker,
+    training_loss,
+)
 
 
 def test_resunet_features_then_head_equal_forward_and_aux_heads_are_full_size():
@@ -199,6 +205,40 @@ def test_training_in_either_precision_learns_and_ships_plain_fp32_weights(precis
     for tensor in model.state_dict().values():
         assert tensor.dtype in (torch.float32, torch.int64)
         assert tensor.is_contiguous()  # trained channels-last, shipped in the default layout
+
+
+def test_multi_scale_batches_take_every_side_and_keep_the_targets_three_values():
+    rescale = BatchRescaler([0.75, 1.0, 1.25, 0.01], 256, 32, seed=0)
+    assert rescale.sides == [32, 192, 256, 320]  # rounded to the multiple, never below it
+    image = torch.rand(2, 3, 256, 256) * 255
+    target = torch.randint(-1, 2, (2, 1, 256, 256)).float()
+    seen = set()
+    for _ in range(40):
+        scaled_image, scaled_target = rescale(image, target)
+        side = scaled_image.shape[-1]
+        seen.add(side)
+        assert scaled_image.shape == (2, 3, side, side) and scaled_target.shape == (2, 1, side, side)
+        assert set(scaled_target.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert seen == {32, 192, 256, 320}
+    one_scale = BatchRescaler([1.0], 256, 32, seed=0)
+    assert one_scale(image, target)[0] is image
+    with pytest.raises(ValueError, match="scales must all be > 0"):
+        TrainConfig(scales=[1.0, 0.0])
+
+
+def test_multi_scale_training_learns_and_validates_at_the_models_own_size():
+    torch.manual_seed(0)
+    model = Segmenter(ResUNet(3, 8, 2), 32, [0.0] * 3, [1.0] * 3)
+    data = _Arrays(16, "none")
+    cfg = TrainConfig(image_size=32, batch_size=4, epochs=4, lr=0.01, loss="structure",
+                      deep_supervision=0.4, scales=[0.5, 1.0, 1.5])
+    sides = []
+    model.net.stem.register_forward_pre_hook(
+        lambda _, inputs: sides.append(inputs[0].shape[-1]) if model.training else None)
+    result = fit(model, data, data, cfg, seed=0)
+    assert set(sides) == {16, 32, 48}
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert 0 <= result.best_val_dice <= 1
 
 
 def test_fit_under_a_budget_its_epochs_do_not_fit_ends_early_and_says_how_many_it_ran():

@@ -39,9 +39,10 @@ from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import Evaluation
 
 # What reviewers compare pipeline runs and versions by; the full params are an artifact.
-KEY_PARAMS = ("ingest.source", "seed", "model.arch", "model.base_channels", "model.depth",
-              "train.image_size", "train.epochs", "train.batch_size", "train.lr", "train.augment",
-              "train.loss", "train.ema_decay", "meta_train.enabled", "video.enabled", "weak_label.enabled")
+KEY_PARAMS = ("ingest.source", "ingest.split_seed", "synthetic.seed", "seed", "model.arch",
+              "model.base_channels", "model.depth", "train.image_size", "train.epochs",
+              "train.batch_size", "train.lr", "train.augment", "train.scales", "train.loss",
+              "train.ema_decay", "meta_train.enabled", "video.enabled", "weak_label.enabled")
 
 
 def key_params(params: Params) -> dict[str, str]:
