@@ -1,9 +1,9 @@
 """Training throughput at the Kvasir-SEG setting, before and after, measured side by side in one run.
 
 One training step as ``training.fit`` takes it — a batch of the cached, pre-resized dataset through
-the DataLoader with the config's augmentation, forward under the loop's ``forward_context``, the
-config's loss with deep supervision, AdamW, the schedule and the EMA — in four modes, each adding
-one change to the one before:
+the DataLoader with the config's augmentation, resized to one of ``train.scales``, forward under
+the loop's ``forward_context``, the config's loss with deep supervision, AdamW, the schedule and
+the EMA — in four modes, each adding one change to the one before:
 
 - ``fp32 NCHW``: the loop before channels-last, and the structure loss as it was (a k×k
   ``avg_pool2d`` for its pixel weights, computed again for every deep-supervision output): "before";
@@ -41,6 +41,7 @@ from lesionflow.data.manifest import read_manifest
 from lesionflow.loop import TrainingLoop
 from lesionflow.steps.train import new_segmenter
 from lesionflow.training import (
+    BatchRescaler,
     SegmentationDataset,
     labelled,
     train_loader,
@@ -89,6 +90,7 @@ def train_throughput(params: config.Params, dataset_dir: Path, data: Segmentatio
     cfg = params.train
     model = new_segmenter(params, dataset_dir)
     loader, _ = train_loader(data, cfg, params.seed)
+    rescale = BatchRescaler(cfg.scales, model.image_size, model.net.multiple, params.seed)
     loop = TrainingLoop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps + 1,
                         ema_decay=cfg.ema_decay, precision=cfg.precision)
     for module in (model, loop.shipped):  # the weights and their moving average alike
@@ -100,7 +102,7 @@ def train_throughput(params: config.Params, dataset_dir: Path, data: Segmentatio
         start = time.perf_counter()
         image, mask, weight = next(batches)
         with loop.forward_context():
-            loss = training_loss(model, image, mask, weight, cfg)
+            loss = training_loss(model, *rescale(image, mask), weight, cfg)
         loop.step(loss)
         seconds += (time.perf_counter() - start) * (step > 0)
     return steps * cfg.batch_size / seconds
