@@ -3,13 +3,15 @@
 One training step as ``training.fit`` takes it — a batch of the cached, pre-resized dataset through
 the DataLoader with the config's augmentation, resized to one of ``train.scales``, forward under
 the loop's ``forward_context``, the config's loss with deep supervision, AdamW, the schedule and
-the EMA — in four modes, each adding one change to the one before:
+the EMA — in five modes, the first four each adding one change to the one before:
 
 - ``fp32 NCHW``: the loop before channels-last, and the structure loss as it was (a k×k
   ``avg_pool2d`` for its pixel weights, computed again for every deep-supervision output): "before";
 - ``fp32 channels-last``: the channels-last layout;
 - ``bf16 channels-last``: ``train.precision: bf16`` (autocast; weights stay fp32);
-- ``bf16 CL, 1-D window``: what ``fit`` does now: the window mean as two 1-D passes, once per batch.
+- ``bf16 CL, 1-D window``: what ``fit`` does now: the window mean as two 1-D passes, once per batch;
+- ``fp32 CL, 1-D window``: what ``fit`` does where the CPU has no bf16 units (``precision: auto``
+  falls back to fp32 there; emulated bf16 is slower), e.g. an AVX2-only machine.
 
 Rounds are interleaved so every mode sees the same machine load; the median round is reported, and
 the ratios to the "before" row are what to compare (the machine is shared and noisy).
@@ -49,12 +51,13 @@ from lesionflow.training import (
 )
 
 DATA = REPO.parent / "shared" / "data"
-# (precision, layout, structure loss's window as two 1-D passes once per batch): each mode adds one
-# change to the one before it.
+# (precision, layout, structure loss's window as two 1-D passes once per batch): each of the first
+# four adds one change to the one before it; the last is the loop on a CPU without bf16 units.
 MODES = {"fp32 NCHW (before)": ("fp32", torch.contiguous_format, False),
          "fp32 channels-last": ("fp32", torch.channels_last, False),
          "bf16 channels-last": ("bf16", torch.channels_last, False),
-         "bf16 CL, 1-D window": ("bf16", torch.channels_last, True)}
+         "bf16 CL, 1-D window": ("bf16", torch.channels_last, True),
+         "fp32 CL, 1-D window": ("fp32", torch.channels_last, True)}
 
 
 def _square_box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
