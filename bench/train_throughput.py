@@ -13,10 +13,15 @@ the EMA — in five modes, the first four each adding one change to the one befo
 - ``fp32 CL, 1-D window``: what ``fit`` does where the CPU has no bf16 units (``precision: auto``
   falls back to fp32 there; emulated bf16 is slower), e.g. an AVX2-only machine.
 
-Rounds are interleaved so every mode sees the same machine load; the median round is reported, and
-the ratios to the "before" row are what to compare (the machine is shared and noisy).
+With ``--scales 0.75 1.0 1.25`` it measures instead what multi-scale training costs: the shipped mode
+at each scale alone (``train.scales: [s]``) and at all of them mixed, as ``fit`` draws them; ratios to
+the first scale given.
+
+Rounds are interleaved so every arm sees the same machine load; the median round is reported, and
+the ratios to the first row are what to compare (the machine is shared and noisy).
 
     python bench/train_throughput.py [--steps 12] [--rounds 3] [--threads 2] [--set train.image_size=256]
+    python bench/train_throughput.py --scales 1.0 0.75 1.25
 """
 
 from __future__ import annotations
@@ -111,6 +116,18 @@ def train_throughput(params: config.Params, dataset_dir: Path, data: Segmentatio
     return steps * cfg.batch_size / seconds
 
 
+def arms(params: config.Params, scales: list[float] | None
+         ) -> dict[str, tuple[config.Params, torch.memory_format, bool]]:
+    """What to measure: name → (params, layout, structure loss as ``fit`` has it)."""
+    if not scales:
+        return {name: (params.with_section("train", precision=precision), layout, separable)
+                for name, (precision, layout, separable) in MODES.items()}
+    shipped = {f"scale {s:g} ({round(params.train.image_size * s)}px)": [s] for s in scales}
+    shipped[f"mixed {scales}"] = list(scales)
+    return {name: (params.with_section("train", scales=mix), torch.channels_last, True)
+            for name, mix in shipped.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="timed steps per mode and round")
@@ -118,6 +135,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lesionflow-model-bench")
     ap.add_argument("--set", action="append", default=[], help="params override, e.g. train.image_size=256")
+    ap.add_argument("--scales", type=float, nargs="+",
+                    help="instead of the modes: the shipped mode at each of these train.scales, then mixed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = kvasir_params(args.set)
@@ -125,21 +144,22 @@ def main() -> None:
     records = labelled(read_manifest(kvasir), "train")
     data = SegmentationDataset(kvasir, records, new_segmenter(params, kvasir), augment=params.train.augment,
                                seed=params.seed)
-    rates: dict[str, list[float]] = {name: [] for name in MODES}
+    measured = arms(params, args.scales)
+    rates: dict[str, list[float]] = {name: [] for name in measured}
     for _ in range(args.rounds):
-        for name, (precision, layout, separable) in MODES.items():
-            mode_params = params.with_section("train", precision=precision)
-            with structure_loss_as(separable or mode_params.train.loss != "structure"):
-                rates[name].append(train_throughput(mode_params, kvasir, data, args.steps, layout))
+        for name, (arm_params, layout, separable) in measured.items():
+            with structure_loss_as(separable or arm_params.train.loss != "structure"):
+                rates[name].append(train_throughput(arm_params, kvasir, data, args.steps, layout))
     cfg, m = params.train, params.model
     print(f"training throughput, Kvasir-SEG train split ({len(records)} images): {m.arch} {m.base_channels}ch "
           f"at {cfg.image_size}px, batch {cfg.batch_size}, loss {cfg.loss}, augment {cfg.augment}; "
           f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps (median); load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU bf16 units: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
-    before = np.median(rates[next(iter(MODES))])
+    first = next(iter(rates))
+    before = np.median(rates[first])
     for name, values in rates.items():
-        print(f"  {name:<22} {np.median(values):6.1f} images/s   {np.median(values) / before:5.2f} x before")
+        print(f"  {name:<24} {np.median(values):6.1f} images/s   {np.median(values) / before:5.2f} x {first}")
 
 
 if __name__ == "__main__":
