@@ -13,9 +13,10 @@ the EMA — in five modes, the first four each adding one change to the one befo
 - ``fp32 CL, 1-D window``: what ``fit`` does where the CPU has no bf16 units (``precision: auto``
   falls back to fp32 there; emulated bf16 is slower), e.g. an AVX2-only machine.
 
-With ``--scales 0.75 1.0 1.25`` it measures instead what multi-scale training costs: the shipped mode
-at each scale alone (``train.scales: [s]``) and at all of them mixed, as ``fit`` draws them; ratios to
-the first scale given.
+With ``--scales 1.0 0.75 1.25`` it measures instead what multi-scale training costs: the shipped mode
+at each scale alone (``train.scales: [s]``), ratios to the first scale given, and what ``fit`` runs at
+with all of them, which draws each equally often: the harmonic mean of their rates (a dozen timed
+steps of the mix itself would draw the scales unevenly).
 
 Rounds are interleaved so every arm sees the same machine load; the median round is reported, and
 the ratios to the first row are what to compare (the machine is shared and noisy).
@@ -116,35 +117,34 @@ def train_throughput(params: config.Params, dataset_dir: Path, data: Segmentatio
     return steps * cfg.batch_size / seconds
 
 
-def arms(params: config.Params, scales: list[float] | None
+def arms(params: config.Params, scales: list[float] | None, multiple: int
          ) -> dict[str, tuple[config.Params, torch.memory_format, bool]]:
     """What to measure: name → (params, layout, structure loss as ``fit`` has it)."""
     if not scales:
         return {name: (params.with_section("train", precision=precision), layout, separable)
                 for name, (precision, layout, separable) in MODES.items()}
-    shipped = {f"scale {s:g} ({round(params.train.image_size * s)}px)": [s] for s in scales}
-    shipped[f"mixed {scales}"] = list(scales)
-    return {name: (params.with_section("train", scales=mix), torch.channels_last, True)
-            for name, mix in shipped.items()}
+    side = {s: BatchRescaler([s], params.train.image_size, multiple, params.seed).sides[0] for s in scales}
+    return {f"scale {s:g} ({side[s]}px)": (params.with_section("train", scales=[s]), torch.channels_last, True)
+            for s in scales}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="timed steps per mode and round")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per arm and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lesionflow-model-bench")
     ap.add_argument("--set", action="append", default=[], help="params override, e.g. train.image_size=256")
     ap.add_argument("--scales", type=float, nargs="+",
-                    help="instead of the modes: the shipped mode at each of these train.scales, then mixed")
+                    help="instead of the modes: the shipped mode at each of these train.scales, and mixed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = kvasir_params(args.set)
     kvasir, _ = cached_dataset(params, args.work)
     records = labelled(read_manifest(kvasir), "train")
-    data = SegmentationDataset(kvasir, records, new_segmenter(params, kvasir), augment=params.train.augment,
-                               seed=params.seed)
-    measured = arms(params, args.scales)
+    model = new_segmenter(params, kvasir)
+    data = SegmentationDataset(kvasir, records, model, augment=params.train.augment, seed=params.seed)
+    measured = arms(params, args.scales, model.net.multiple)
     rates: dict[str, list[float]] = {name: [] for name in measured}
     for _ in range(args.rounds):
         for name, (arm_params, layout, separable) in measured.items():
@@ -156,10 +156,12 @@ def main() -> None:
           f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps (median); load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU bf16 units: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
-    first = next(iter(rates))
-    before = np.median(rates[first])
-    for name, values in rates.items():
-        print(f"  {name:<24} {np.median(values):6.1f} images/s   {np.median(values) / before:5.2f} x {first}")
+    medians = {name: float(np.median(values)) for name, values in rates.items()}
+    if args.scales:  # equally likely scales: the mix's time per image is the mean of theirs
+        medians[f"mixed {args.scales}"] = 1 / np.mean([1 / rate for rate in medians.values()])
+    first = next(iter(medians))
+    for name, rate in medians.items():
+        print(f"  {name:<24} {rate:6.1f} images/s   {rate / medians[first]:5.2f} x {first}")
 
 
 if __name__ == "__main__":
