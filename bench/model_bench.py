@@ -8,10 +8,12 @@ Arms are named model + train settings (``ARMS``; each applied over ``params.yaml
   backward, AdamW, EMA; ``bench/train_throughput.py``) at the arm's image size, batch size and
   precision, from the cached dataset — the throughput the Kvasir setting trains at;
 - ``fps main`` / ``fps worker``: end-to-end frames/s (resize, normalise, network, sigmoid, resize
-  back) on 256×256 frames, batch 1, on the main thread and on a worker thread, through torch and
-  through ONNX Runtime (``ort``, what a registered version serves through);
+  back) on 256×256 frames, batch 1, on the main thread and on a worker thread, through torch,
+  through ONNX Runtime (``ort``, what a registered version serves through) and through its int8
+  twin (``ort int8``: calibrated on train images as the evaluate step does, which serves it where
+  validation Dice allows);
 - with ``--train``: ``val Dice`` after training on the Kvasir-SEG train split (model selection
-  uses the validation split only) and, with ``--test`` (touch it once, at the end), ``test Dice``
+  uses the validation split only; ``val Dice int8`` through the int8 twin) and, with ``--test`` (touch it once, at the end), ``test Dice``
   on Kvasir-SEG test and on all of CVC-ClinicDB (never trained on).
 
     python bench/model_bench.py                         # speed columns only (a minute)
@@ -40,11 +42,12 @@ from bench.harness import cached_dataset
 from bench.runtime_bench import frames_per_second, on_worker
 from bench.train_throughput import DATA, kvasir_params, train_throughput
 from lesionflow import config
+from lesionflow.config import EvaluateConfig
 from lesionflow.data.manifest import read_manifest
 from lesionflow.models import runtime
 from lesionflow.models.pyfunc import SegmentationModel
 from lesionflow.models.segmenter import Segmenter
-from lesionflow.steps.evaluate import score_model
+from lesionflow.steps.evaluate import calibration_batch, score_model
 from lesionflow.steps.train import new_segmenter
 from lesionflow.training import SegmentationDataset, fit, labelled
 
@@ -66,14 +69,22 @@ def arm_params(arm: str, extra: list[str]) -> config.Params:
     return kvasir_params(["train.max_minutes=null", *ARMS[arm], *extra])
 
 
-def speed_columns(model, frames: list[np.ndarray]) -> dict[str, float]:
-    """Frames/s (runtime_bench's end-to-end loop) through torch and ONNX Runtime, main and worker
-    thread."""
+def int8_twin(model: Segmenter, kvasir: Path, train: list) -> runtime.OnnxSegmenter:
+    """``model``'s int8 ONNX graph, calibrated as the evaluate step calibrates it."""
+    calibration = calibration_batch(model.eval(), kvasir, train, EvaluateConfig().int8_calibration_images)
+    return runtime.OnnxSegmenter(runtime.quantize_int8(runtime.to_onnx(model), calibration), model)
+
+
+def speed_columns(model, frames: list[np.ndarray], int8: runtime.OnnxSegmenter) -> dict[str, float]:
+    """Frames/s (runtime_bench's end-to-end loop) through torch, ONNX Runtime and its int8 twin,
+    main and worker thread."""
     torch_model = SegmentationModel.wrap(model.eval())
     onnx = SegmentationModel.wrap(model)
     onnx.predictor = runtime.predictor(model, runtime="onnxruntime")
+    quantized = SegmentationModel.wrap(model)
+    quantized.predictor = int8
     columns = {}
-    for prefix, wrapped in (("", torch_model), ("ort ", onnx)):
+    for prefix, wrapped in (("", torch_model), ("ort ", onnx), ("ort int8 ", quantized)):
         frames_per_second(wrapped, frames[:3])  # warm-up
         columns[f"{prefix}fps main"] = frames_per_second(wrapped, frames)[0]
         columns[f"{prefix}fps worker"] = on_worker(frames_per_second, wrapped, frames)[0]
@@ -120,7 +131,7 @@ def main() -> None:
         row = {"arm": arm, "size": cfg.image_size,
                "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
                "train img/s": train_throughput(params, kvasir, train_set, steps=6),
-               **speed_columns(model, frames)}
+               **speed_columns(model, frames, int8_twin(model, kvasir, train))}
         if args.saved:
             model = Segmenter.load(args.saved / f"{arm.split()[0]}-seed{params.seed}.pt").eval()
             model.tta = params.model.tta  # the arm's test-time flips over the weights trained once
@@ -134,10 +145,16 @@ def main() -> None:
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 model.save(args.save / f"{arm.split()[0]}-seed{params.seed}.pt")
+        if args.saved or args.train or args.test:
+            twin = int8_twin(model, kvasir, train)
+            row["val Dice int8"] = score_model(twin, kvasir, val, params.evaluate.threshold).overall("dice")
         if args.test:
             row["test Dice"] = score_model(model, kvasir, test, params.evaluate.threshold).overall("dice")
-            row["ClinicDB Dice"] = score_model(model, clinic, labelled(read_manifest(clinic), "test"),
-                                               params.evaluate.threshold).overall("dice")
+            row["test Dice int8"] = score_model(twin, kvasir, test, params.evaluate.threshold).overall("dice")
+            clinic_frames = labelled(read_manifest(clinic), "test")
+            row["ClinicDB Dice"] = score_model(model, clinic, clinic_frames, params.evaluate.threshold).overall("dice")
+            row["ClinicDB Dice int8"] = score_model(twin, clinic, clinic_frames,
+                                                    params.evaluate.threshold).overall("dice")
         rows.append(row)
         print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)
@@ -151,7 +168,8 @@ def main() -> None:
     for row in rows[1:]:
         print(f"{row['arm']} / {base['arm']}: train img/s ×{row['train img/s'] / base['train img/s']:.2f}, "
               f"fps ×{row['fps worker'] / base['fps worker']:.2f} (torch), "
-              f"×{row['ort fps worker'] / base['ort fps worker']:.2f} (ONNX Runtime)")
+              f"×{row['ort fps worker'] / base['ort fps worker']:.2f} (ONNX Runtime), "
+              f"×{row['ort int8 fps worker'] / base['ort int8 fps worker']:.2f} (int8)")
 
 
 if __name__ == "__main__":

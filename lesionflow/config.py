@@ -459,6 +459,14 @@ class EvaluateConfig(_Section):
         0.5, gt=0, lt=1, description="probability above which a pixel counts as lesion")
     n_overlays: int = Field(
         8, ge=0, description="overlay images (image | truth | prediction) logged to MLflow")
+    int8: bool = Field(
+        True, description="serve an int8 twin of the ONNX graph (static, calibrated on train images) "
+        "where validation Dice says it costs at most int8_max_dice_drop; else the float graph. "
+        "Evaluated here, stored by register")
+    int8_max_dice_drop: float = Field(
+        0.005, ge=0, description="largest validation Dice the int8 graph may lose to the float one")
+    int8_calibration_images: int = Field(
+        64, ge=1, description="train images (evenly spaced) whose activations set the int8 ranges")
 
 
 class RegistryConfig(_Section):

@@ -56,6 +56,7 @@ TAG_GATE_REASON = _PREFIX + "gate_reason"
 TAG_GATE_N = _PREFIX + "gate_n"  # test records both models were compared on
 TAG_GATE_RECORD_SET = _PREFIX + "gate_record_set"  # hash of those records (ids + content)
 TAG_COMPARED_WITH = _PREFIX + "compared_with_champion"
+TAG_SERVED_PRECISION = _PREFIX + "served_precision"  # the stored ONNX graph's: int8 | float32
 # on versions: pending from creation until every alias move of the register step is done;
 # interrupted when a later register found it pending with no gate decision applied (run killed)
 TAG_REGISTRATION = _PREFIX + "registration"

@@ -13,6 +13,7 @@ import getpass
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,14 +119,15 @@ def register_model(
     model: Segmenter | LesionTypeRouter, *, name: str, lineage: dict[str, str],
     metrics: dict[str, float], threshold: float = DEFAULT_THRESHOLD,
     artifacts: dict[str, object] | None = None, decision_tags: dict[str, str] | None = None,
-    key_params: dict[str, str] | None = None,
+    key_params: dict[str, str] | None = None, onnx_dir: Path | None = None,
 ) -> str:
     """Log ``model`` in the active run as a pyfunc and register it as a new version of ``name``.
 
     The logged model is ``SegmentationModel`` (pre/post-processing and routing inside, mask
     ``threshold`` in its config, ``pyfunc.SIGNATURE``) over the weights folder of
     ``store.save_model`` — weights and hyper-parameters, not a pickle of the module, so renaming
-    code never breaks a stored version — and the ONNX export it serves through (``runtime.save``).
+    code never breaks a stored version — and the ONNX export it serves through: ``onnx_dir``, the
+    one the evaluate step scored (int8 where validation allowed), else ``runtime.save``'s float one.
     Lineage and metrics go on the version (what the registry UI and the gate read) and on the run
     (what the experiment UI shows). ``lineage`` is keyed by ``lesionflow.lineage`` tag names; the
     code version (commit + dirty flag) and the parent version (the champion right now, or "none")
@@ -158,7 +160,10 @@ def register_model(
         mlflow.log_text(json.dumps(content, indent=1, sort_keys=True), path)
     with tempfile.TemporaryDirectory(prefix="lesionflow-register-") as tmp:
         save_model(model, Path(tmp) / WEIGHTS)
-        runtime.save(model, Path(tmp) / runtime.ONNX)
+        if onnx_dir is not None:
+            shutil.copytree(onnx_dir, Path(tmp) / runtime.ONNX)
+        else:
+            runtime.save(model, Path(tmp) / runtime.ONNX)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=SegmentationModel(),
             artifacts={WEIGHTS: str(Path(tmp) / WEIGHTS), runtime.ONNX: str(Path(tmp) / runtime.ONNX)},

@@ -31,14 +31,14 @@ from lesionflow.lineage import (
     TAG_INIT_FROM_VERSION,
     TAG_PSEUDO_DATASET_MD5,
     TAG_REPRODUCES,
+    TAG_SERVED_PRECISION,
     TAG_TRAINED_EPOCHS,
     code_version,
     package_dir,
 )
-from lesionflow.models.runtime import predictor
 from lesionflow.models.store import load_model
 from lesionflow.steps import meta_train as meta_train_step
-from lesionflow.steps.evaluate import score_model, select
+from lesionflow.steps.evaluate import score_model, select, served_predictor
 from lesionflow.versioning import restore_dataset
 
 METRICS = ("dice", "iou", "hd95")
@@ -114,6 +114,8 @@ def reproduce(here: Params, version: str) -> Reproduction:
     warm = tags.get(TAG_INIT_FROM_VERSION, NONE)
     # the parent's weights, not whatever is champion today
     params = params.with_section("train", init_from=None if warm == NONE else warm)
+    if TAG_SERVED_PRECISION not in tags:  # registered before int8 exports: it served its float graph
+        params = params.with_section("evaluate", int8=False)
     params, schedule_note = schedule_as_trained(params, tags)
     notes = code_notes(tags) + schedule_note
     datasets = {"trained on": tags[TAG_PSEUDO_DATASET_MD5], "evaluated on": tags[TAG_DATASET_MD5]}
@@ -128,9 +130,10 @@ def reproduce(here: Params, version: str) -> Reproduction:
         with mlflow.start_run(experiment_id=experiment, run_name=f"reproduce v{version}",
                               tags={TAG_REPRODUCES: version}):
             meta_train_step.run(params, train_dir, tmp / "model")
-            records = select(read_manifest(eval_dir), registered["split"])
-            # scored as the evaluate step scored the version: through its serving runtime
-            rebuilt = score_model(predictor(load_model(tmp / "model")), eval_dir, records,
+            manifest = read_manifest(eval_dir)
+            # scored as the evaluate step scored the version: through the export it serves
+            served, _ = served_predictor(params, load_model(tmp / "model"), eval_dir, manifest, tmp / "onnx")
+            rebuilt = score_model(served, eval_dir, select(manifest, registered["split"]),
                                   params.evaluate.threshold)
             mlflow.log_dict({"registered": registered["table"], "rebuilt": rebuilt.table},
                             "reproduction.json")

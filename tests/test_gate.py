@@ -5,6 +5,7 @@ disk; the whole pipeline with a worse candidate is in test_e2e)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -12,7 +13,10 @@ import pytest
 from lesionflow import config, lineage, registry, tracking
 from lesionflow.data.manifest import read_manifest
 from lesionflow.errors import GateError
-from lesionflow.models.store import save_model
+from lesionflow.models import runtime
+from lesionflow.models.store import load_model, save_model
+from lesionflow.steps import evaluate as evaluate_step
+from lesionflow.steps import register as register_step
 from lesionflow.steps.evaluate import (
     compare_with_champion,
     record_set_hash,
@@ -113,3 +117,38 @@ def test_refusals_are_in_the_history_and_never_rolled_back_to(project):
     runs = client.search_runs([exp.experiment_id], "tags.action = 'refuse'")
     stored = json.loads(mlflow.artifacts.load_text(f"runs:/{runs[0].info.run_id}/gate.json"))
     assert stored == {"decision": "refused", "n": 12}
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_the_export_evaluate_scored_is_the_one_registered(project, tmp_path, int8):
+    """Evaluate makes the export (int8 only after the validation check, with its figures) and
+    scores through it; register stores those very bytes and tags the precision it serves in."""
+    params, dataset = project
+    params = params.with_section("evaluate", int8=int8)
+    model_dir, out_dir = tmp_path / "candidate", tmp_path / "report"
+    save_model(new_segmenter(params, dataset), model_dir)
+    write_training_records(model_dir, select(read_manifest(dataset), "train"))
+    with mlflow.start_run():
+        evaluation = evaluate_step.evaluate(params, dataset, model_dir, out_dir)
+    (graph,) = evaluation.export
+    if int8:
+        n_val = len(select(read_manifest(dataset), "val"))
+        assert graph["n_val"] == n_val > 0 and graph["n_calibration"] > 0
+        drop = graph["val_dice_float32"] - graph["val_dice_int8"]
+        assert graph["precision"] == ("int8" if drop <= params.evaluate.int8_max_dice_drop else "float32")
+        assert f"{graph['val_dice_int8']:.4f}" in graph["reason"]
+    else:
+        assert (graph["precision"], graph["reason"]) == ("float32", "evaluate.int8 is off")
+        assert (out_dir / runtime.ONNX / runtime.SINGLE).read_bytes() == runtime.to_onnx(load_model(model_dir))
+    assert evaluate_step.Evaluation.load(out_dir / evaluate_step.REPORT_FILE).export == evaluation.export
+
+    with mlflow.start_run():
+        outcome = register_step.register(params, model_dir, evaluation, LINEAGE, "run-1",
+                                         onnx_dir=out_dir / runtime.ONNX)
+    name = params.runtime.model_name
+    assert registry.version_info(name, outcome.version)["tags"][lineage.TAG_SERVED_PRECISION] == graph["precision"]
+    served = registry.load_pyfunc(name, outcome.version).predictor
+    assert isinstance(served, runtime.OnnxSegmenter)
+    stored = mlflow.artifacts.download_artifacts(f"models:/{name}/{outcome.version}", dst_path=str(tmp_path / "v"))
+    exported = next(Path(stored).rglob(runtime.SINGLE)).read_bytes()
+    assert exported == (out_dir / runtime.ONNX / runtime.SINGLE).read_bytes()

@@ -93,6 +93,27 @@ def test_exported_router_answers_as_torch_and_refuses_alike(tmp_path):
             model.predict_proba(IMAGES[:2])
 
 
+@pytest.mark.parametrize("tta", ["none", "h"])
+def test_the_int8_twin_is_int8_and_answers_near_the_float_graph(tta):
+    """Static int8 keeps the graph's interface (any batch, same map sizes), stores int8 weights
+    (the file shrinks ~3x), and answers near the float graph. This random model's logits are
+    scaled to be touchy (std 4 around the threshold), so the bound is loose: the evaluate step's
+    validation-Dice check, not this, is what decides whether int8 serves (test_gate)."""
+    import onnx
+
+    model = segmenter(7, tta=tta)
+    float_graph = runtime.to_onnx(model)
+    int8_graph = runtime.quantize_int8(float_graph, np.stack([model.prepare(im) for im in IMAGES]))
+    weights = {t.data_type for t in onnx.load_from_string(int8_graph).graph.initializer if len(t.dims) == 4}
+    assert weights == {onnx.TensorProto.INT8} and len(int8_graph) < len(float_graph) / 2
+    exact, fast = runtime.OnnxSegmenter(float_graph, model), runtime.OnnxSegmenter(int8_graph, model)
+    expected, answers = exact.predict_proba(IMAGES), fast.predict_proba(IMAGES, batch_size=4)
+    for p, q in zip(answers, expected, strict=True):
+        assert p.shape == q.shape and p.dtype == np.float32
+        assert np.abs(p - q).mean() < 0.15 and ((p > 0.5) == (q > 0.5)).mean() > 0.75
+    assert not all(np.array_equal(p, q) for p, q in zip(answers, expected, strict=True))  # really another graph
+
+
 def test_export_leaves_the_models_mode_alone():
     model = segmenter(4).train()
     runtime.to_onnx(model)

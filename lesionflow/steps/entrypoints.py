@@ -166,13 +166,15 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
     import mlflow
 
     from lesionflow import tracking
+    from lesionflow.models import runtime
     from lesionflow.steps import evaluate as evaluate_step
     from lesionflow.steps import register as register_step
 
     evaluation = evaluate_step.Evaluation.load(Path(report_path) / evaluate_step.REPORT_FILE)
     with step_context(params_json, "register", pipeline_run_id) as params:
         used = json.loads(lineage_json)
-        outcome = register_step.register(params, Path(model_path), evaluation, used, pipeline_run_id)
+        outcome = register_step.register(params, Path(model_path), evaluation, used, pipeline_run_id,
+                                         onnx_dir=Path(report_path) / runtime.ONNX)
     tracking.summarize_pipeline_run(params, pipeline_run_id,
                                     **register_step.pipeline_summary(params, outcome, evaluation, used))
     return json.dumps({

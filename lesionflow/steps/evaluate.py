@@ -4,7 +4,8 @@ the records of that split that neither model trained or selected on (the gate's 
 Metrics are measured at each image's own (canonical) resolution, not at the model's input size,
 so numbers stay comparable between models trained at different resolutions. Both models answer
 through the runtime a registered version serves through (``models/runtime.py``: ONNX Runtime,
-torch without it), so the metrics and frames/s are those of what will be served.
+torch without it), so the metrics and frames/s are those of what will be served: the candidate's
+export is made here (``export_for_serving``: int8 where validation allows) and register stores it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from lesionflow.lineage import (
 )
 from lesionflow.metrics import aggregate, dice, image_metrics
 from lesionflow.models import runtime
+from lesionflow.models.router import LesionTypeRouter
+from lesionflow.models.segmenter import Segmenter
 from lesionflow.models.store import load_model
 from lesionflow.training import labelled
 
@@ -71,6 +74,7 @@ class Evaluation:
     split: str
     candidate: ModelScore  # the whole split: the version's own test metrics
     comparison: Comparison | None  # None: no champion yet
+    export: list[dict] = field(default_factory=list)  # per graph: precision served and why
 
     @property
     def champion_version(self) -> str | None:
@@ -83,7 +87,16 @@ class Evaluation:
     def load(cls, path: Path) -> Evaluation:
         raw = json.loads(path.read_text())
         comparison = Comparison(**raw["comparison"]) if raw["comparison"] else None
-        return cls(raw["split"], ModelScore(**raw["candidate"]), comparison)
+        return cls(raw["split"], ModelScore(**raw["candidate"]), comparison, raw.get("export", []))
+
+    @property
+    def served_precision(self) -> str:
+        """"int8", "float32", "lesion type: precision, …" for a router, or "torch" (no export)."""
+        if not self.export:
+            return "torch"
+        if len(self.export) == 1:
+            return self.export[0]["precision"]
+        return ", ".join(f"{g['lesion_type']}: {g['precision']}" for g in self.export)
 
 
 def score_model(model, dataset_dir: Path, records: list[Record], threshold: float) -> ModelScore:
@@ -222,6 +235,62 @@ def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, label:
     return np.asarray(canvas)
 
 
+def calibration_batch(model: Segmenter, dataset_dir: Path, train: list[Record], n: int) -> np.ndarray:
+    """``n`` train images spread evenly over the split, as ``model`` takes them: int8's calibration."""
+    return np.stack([model.prepare(load_image(dataset_dir, r)) for r in train[::max(1, len(train) // n)][:n]])
+
+
+def export_for_serving(params: Params, model: Segmenter | LesionTypeRouter, dataset_dir: Path,
+                       records: list[Record], onnx_dir: Path) -> list[dict]:
+    """Write into ``onnx_dir`` the ONNX export registration will store and serve, and say per graph
+    which precision it holds: the float graph, or — with ``evaluate.int8`` — its int8 twin
+    (``runtime.quantize_int8``, calibrated on train images of the graph's lesion type) where the
+    validation split shows it loses at most ``evaluate.int8_max_dice_drop`` Dice. The test split is
+    not looked at: it still has to score the choice."""
+    cfg = params.evaluate
+    runtime.save(model, onnx_dir)
+    decisions = []
+    for lesion_type, path in runtime.graph_files(onnx_dir).items():
+        segmenter = model if lesion_type is None else model.route(lesion_type)
+        of_type = [r for r in records if lesion_type is None or r.lesion_type == lesion_type]
+        train, val = labelled(of_type, "train"), labelled(of_type, "val")
+        decision = {"lesion_type": lesion_type or "all", "precision": "float32"}
+        decisions.append(decision)
+        if not cfg.int8:
+            decision["reason"] = "evaluate.int8 is off"
+            continue
+        if not train or not val:
+            decision["reason"] = "no train and validation images of this type to calibrate and check int8 on"
+            continue
+        calibration = calibration_batch(segmenter, dataset_dir, train, cfg.int8_calibration_images)
+        graphs = {"float32": path.read_bytes()}
+        graphs["int8"] = runtime.quantize_int8(graphs["float32"], calibration)
+        val_dice = {precision: score_model(runtime.OnnxSegmenter(graph, segmenter), dataset_dir, val,
+                                           cfg.threshold).overall("dice")
+                    for precision, graph in graphs.items()}
+        drop = val_dice["float32"] - val_dice["int8"]
+        keep = drop <= cfg.int8_max_dice_drop
+        if keep:
+            path.write_bytes(graphs["int8"])
+        decision.update(precision="int8" if keep else "float32", val_dice_float32=val_dice["float32"],
+                        val_dice_int8=val_dice["int8"], n_val=len(val), n_calibration=len(calibration),
+                        reason=f"int8 validation Dice {val_dice['int8']:.4f} vs float {val_dice['float32']:.4f} "
+                               f"({'within' if keep else 'beyond'} evaluate.int8_max_dice_drop "
+                               f"{cfg.int8_max_dice_drop:g})")
+        print(f"export{'' if lesion_type is None else ' (' + lesion_type + ')'}: {decision['precision']}: "
+              f"{decision['reason']}")
+    return decisions
+
+
+def served_predictor(params: Params, model: Segmenter | LesionTypeRouter, dataset_dir: Path,
+                     records: list[Record], onnx_dir: Path) -> tuple[object, list[dict]]:
+    """What will answer for ``model`` once registered — its export (``export_for_serving``, into
+    ``onnx_dir``) through ONNX Runtime, or torch where onnxruntime is absent — and the export's
+    per-graph decisions ([] without an export)."""
+    export = export_for_serving(params, model, dataset_dir, records, onnx_dir) if runtime.available() else []
+    return runtime.predictor(model, onnx_dir if export else None), export
+
+
 def select(records: list[Record], split: str) -> list[Record]:
     """Labelled records of one split, or of every split with ``split="all"`` (cross-dataset use);
     none is an ``EmptySplitError``: there is nothing to score."""
@@ -241,17 +310,20 @@ def evaluate(params: Params, dataset_dir: Path, model_dir: Path, out_dir: Path,
              split: str = "test") -> Evaluation:
     """Score the candidate on ``split``, and candidate and champion (if any) on the records of
     it that neither has seen; log tables and overlays."""
-    records = select(read_manifest(dataset_dir), split)
+    manifest = read_manifest(dataset_dir)
+    records = select(manifest, split)
     cfg = params.evaluate
-    model = runtime.predictor(load_model(model_dir))  # exported as registration will export it
+    model, export = served_predictor(params, load_model(model_dir), dataset_dir, manifest, out_dir / runtime.ONNX)
+    if export:
+        mlflow.log_dict({"graphs": export}, "export.json")
     candidate = score_model(model, dataset_dir, records, cfg.threshold)
     log_overlays(model, dataset_dir, records, candidate, cfg.n_overlays, cfg.threshold)
     result = Evaluation(split, candidate, compare_with_champion(params, dataset_dir, records, model_dir,
-                                                                candidate))
+                                                                candidate), export)
     for name, row in candidate.table.items():
         mlflow.log_metrics({f"{split}.{name}.{k}": v for k, v in row.items() if np.isfinite(v)})
     mlflow.log_metric("fps", candidate.fps)
-    mlflow.log_param("fps_runtime", runtime.runtime_name(model))
+    mlflow.log_params({"fps_runtime": runtime.runtime_name(model), "served_precision": result.served_precision})
     mlflow.log_table(_columns(candidate.table), "per_type_metrics.json")
     if result.comparison is not None:
         c = result.comparison

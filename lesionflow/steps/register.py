@@ -34,6 +34,7 @@ from lesionflow.lineage import (
     TAG_PARENT_VERSION,
     TAG_PIPELINE_RUN_ID,
     TAG_REGISTRATION,
+    TAG_SERVED_PRECISION,
 )
 from lesionflow.models.store import load_model
 from lesionflow.steps.evaluate import Evaluation
@@ -73,7 +74,9 @@ def gate_record(params: Params, evaluation: Evaluation, decision: registry.GateD
 
 
 def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: dict[str, str],
-             pipeline_run_id: str) -> RegisterOutcome:
+             pipeline_run_id: str, onnx_dir: Path | None = None) -> RegisterOutcome:
+    """Register the candidate in ``model_dir`` with the export the evaluate step scored
+    (``onnx_dir``), then let the gate move ``champion``."""
     name = params.runtime.model_name
     cfg = params.registry
     comparison = evaluation.comparison
@@ -84,6 +87,7 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: d
     recovered = registry.recover(name)  # under the pipeline lease: no register runs beside us
     record = gate_record(params, evaluation, decision)
     gate_tags = {TAG_GATE: record["decision"], TAG_GATE_REASON: decision.reason[:4000],
+                 TAG_SERVED_PRECISION: evaluation.served_precision,
                  TAG_GATE_N: str(comparison.n if comparison else 0),
                  TAG_GATE_RECORD_SET: comparison.record_set if comparison else NONE}
     metrics = {f"{evaluation.split}_{k}": v for k, v in evaluation.candidate.table["overall"].items()
@@ -96,7 +100,8 @@ def register(params: Params, model_dir: Path, evaluation: Evaluation, lineage: d
                    RECORDS_ARTIFACT: json.loads((model_dir / RECORDS_FILE).read_text()),
                    EVALUATION_ARTIFACT: {"split": evaluation.split, "table": evaluation.candidate.table},
                    GATE_ARTIFACT: record},
-        decision_tags={**gate_tags, TAG_REGISTRATION: REGISTRATION_PENDING}, key_params=key_params(params))
+        decision_tags={**gate_tags, TAG_REGISTRATION: REGISTRATION_PENDING}, key_params=key_params(params),
+        onnx_dir=onnx_dir if onnx_dir is not None and onnx_dir.is_dir() else None)
     registry.move_alias(name, "challenger", version, why="newest candidate", action="set")
     if decision.promote:
         registry.move_alias(name, "champion", version, why=decision.reason, action="promote",
@@ -131,7 +136,8 @@ def version_description(params: Params, evaluation: Evaluation, record: dict, ta
     history = registry.history_experiment_id(name)
     return "\n\n".join([
         f"**Gate: {record['decision']}**{against}: {record['reason']}",
-        f"Test split ({evaluation.split}), {evaluation.candidate.fps:.1f} frames/s:\n\n"
+        f"Test split ({evaluation.split}), {evaluation.candidate.fps:.1f} frames/s, served in "
+        f"{evaluation.served_precision}:\n\n"
         + metrics_table(evaluation.candidate.table),
         f"Data (DVC): {datasets}. Code `{tags[TAG_GIT_COMMIT]}`"
         + (" (uncommitted changes)" if tags.get(TAG_GIT_DIRTY) == "true" else "")
