@@ -20,7 +20,7 @@ int8 (``quantize_int8``): the evaluate step, which has the data, calibrates a st
 the graph on train images and keeps it only where validation Dice says it costs at most
 ``evaluate.int8_max_dice_drop``; registration then stores whichever graph was evaluated. On CPUs
 with VNNI (AVX-512 VNNI, AVX-VNNI) its convolutions run on int8 dot-product units: 2.1× the
-network's frames/s at 256² on a Kvasir-SEG model, validation Dice unchanged (README, "Serving").
+network's frames/s at 256² on a Kvasir-SEG model, validation Dice unchanged (README, "Serving and export").
 """
 
 from __future__ import annotations
