@@ -20,7 +20,10 @@ Rounds are interleaved so all modes see the same machine load; the median round 
 Each end-to-end row also gives the process's CPU time per frame, which other jobs on the machine
 move far less than wall time (a runtime whose threads spin while waiting burns CPU without work).
 
-    python bench/runtime_bench.py [--frames 120] [--requests 48] [--rounds 3] [--set model.depth=3]
+With ``--int8`` the registered graph is the int8 twin (calibrated on the bench's frames): what the
+evaluate step keeps when validation allows, so the served rows are those of an int8 version.
+
+    python bench/runtime_bench.py [--frames 120] [--requests 48] [--rounds 3] [--set model.depth=3] [--int8]
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="params override, e.g. model.base_channels=8 (repeatable)")
+    parser.add_argument("--int8", action="store_true", help="register and serve the int8 graph")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -82,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lesionflow-runtime-bench-") as tmp:
         overrides = [f"runtime.workdir={tmp}", f"runtime.model_name={NAME}", *args.set]
         params = config.load(None, overrides)
-        register(params)
+        register(params, frames[:16] if args.int8 else None)
         served = registry.load_pyfunc(NAME, "champion")
         assert served.runtime_name == "onnxruntime", "onnxruntime is not installed"
         models = {"torch": SegmentationModel.wrap(served.model, served.threshold), "onnxruntime": served}
@@ -104,7 +108,7 @@ def main() -> None:
     fps = {k: np.median(v, axis=0) for k, v in rates.items()}  # per column: (frames/s, CPU ms)
     m = params.model
     print(f"inference runtimes, {SIDE}x{SIDE} RGB frames, batch 1; model {m.base_channels}ch depth {m.depth} "
-          f"at {params.train.image_size}px; {args.rounds} rounds (median); load average "
+          f"at {params.train.image_size}px, ONNX graph {'int8' if args.int8 else 'float'}; {args.rounds} rounds (median); load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("end to end, decode-free (uint8 frame -> mask):")
     for thread in ("worker thread", "main thread"):

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lesionflow import config, lineage, registry, tracking
-from lesionflow.models import build_model
+from lesionflow.models import build_model, runtime
 from lesionflow.models.pyfunc import decode_image, encode_png
 from lesionflow.models.segmenter import Segmenter
 from tests.conftest import free_port, wait_http
@@ -62,13 +62,24 @@ def images(n: int) -> list[bytes]:
     return out
 
 
-def register(params: config.Params) -> None:
+def register(params: config.Params, int8_calibration: list[np.ndarray] | None = None) -> None:
+    """Register an untrained model of ``params`` as champion; with ``int8_calibration`` frames, its
+    int8 graph calibrated on them (what the evaluate step keeps when validation allows)."""
     tracking.connect(params)
-    model = Segmenter(build_model(params.model), params.train.image_size, [128.0] * 3, [64.0] * 3, params.model.tta)
+    # eval mode, as a trained model reaches registration: the export folds batch norm in
+    model = Segmenter(build_model(params.model), params.train.image_size, [128.0] * 3, [64.0] * 3,
+                      params.model.tta).eval()
     tags = {lineage.TAG_DATASET_MD5: "bench", lineage.TAG_PARAMS_HASH: params.digest(),
             lineage.TAG_PIPELINE_RUN_ID: "bench"}
-    with mlflow.start_run():
-        version = registry.register_model(model, name=NAME, lineage=tags, metrics={})
+    with mlflow.start_run(), tempfile.TemporaryDirectory(prefix="lesionflow-bench-onnx-") as tmp:
+        onnx_dir = None
+        if int8_calibration is not None:
+            onnx_dir = Path(tmp) / runtime.ONNX
+            runtime.save(model, onnx_dir)
+            graph = onnx_dir / runtime.SINGLE
+            graph.write_bytes(runtime.quantize_int8(graph.read_bytes(),
+                                                    np.stack([model.prepare(f) for f in int8_calibration])))
+        version = registry.register_model(model, name=NAME, lineage=tags, metrics={}, onnx_dir=onnx_dir)
     registry.move_alias(NAME, "champion", version, why="bench", action="set")
 
 
