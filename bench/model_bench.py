@@ -13,8 +13,9 @@ Arms are named model + train settings (``ARMS``; each applied over ``params.yaml
   twin (``ort int8``: calibrated on train images as the evaluate step does, which serves it where
   validation Dice allows);
 - with ``--train``: ``val Dice`` after training on the Kvasir-SEG train split (model selection
-  uses the validation split only; ``val Dice int8`` through the int8 twin) and, with ``--test`` (touch it once, at the end), ``test Dice``
-  on Kvasir-SEG test and on all of CVC-ClinicDB (never trained on).
+  uses the validation split only; ``val Dice int8`` through the int8 twin) and, with ``--test``
+  (touch it once, at the end), ``test Dice`` on Kvasir-SEG test and on all of CVC-ClinicDB (never
+  trained on), each also through the int8 twin.
 
     python bench/model_bench.py                         # speed columns only (a minute)
     python bench/model_bench.py --train --epochs 10     # + validation Dice (proxy budget)
