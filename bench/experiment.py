@@ -42,11 +42,12 @@ sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
 from bench.meta_arms import run_arm as meta_arm  # noqa: E402
+from bench.model_bench import run_arm as supervised_arm  # noqa: E402
 from bench.video_propagation import run_arm as propagation_arm  # noqa: E402
 from bench.weak_vs_full import run_arm as weak_arm  # noqa: E402
 from lesionflow import tracking  # noqa: E402
 
-KINDS = {"weak": weak_arm, "propagation": propagation_arm, "meta": meta_arm}  # kind → run_arm(params, dataset dir, arm spec, seed, cache) → metrics
+KINDS = {"weak": weak_arm, "propagation": propagation_arm, "meta": meta_arm, "supervised": supervised_arm}  # kind → run_arm(params, dataset dir, arm spec, seed, cache) → metrics
 ARM_BOOKKEEPING = ("set", "group", "label", "baseline")  # an arm's keys the kind does not read
 
 
@@ -161,19 +162,23 @@ def chosen_arms(results: dict) -> set[str]:
 
 def table(results: dict, spec: dict) -> str:
     extra = spec.get("columns", {})  # metric → column header, besides val/test Dice
-    header = ["arm", "seeds", "val Dice", "test Dice", "test Dice / baseline", *extra.values()]
+    header = ["arm", "seeds", "val Dice", "val Dice − baseline (same seed)", "test Dice", "test Dice / baseline",
+              *extra.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     chosen = chosen_arms(results)
     for name, arm in results["arms"].items():
         runs = arm["runs"]
         if not runs:
             continue
+        base = results["arms"].get(arm["baseline"] or "", {}).get("runs", {})
+        # paired by seed: the seeds' shared part of the variance drops out of a gap
+        gaps = [r["val_dice"] - base[s]["val_dice"] for s, r in runs.items() if s in base]
+        ratios = [r["test_dice"] / base[s]["test_dice"] for s, r in runs.items() if s in base]
         cells = [f"**{arm['label']}** (chosen on val)" if name in chosen else arm["label"], str(len(runs)),
                  harness.spread([r["val_dice"] for r in runs.values()]),
-                 harness.spread([r["test_dice"] for r in runs.values()])]
-        base = results["arms"].get(arm["baseline"] or "", {}).get("runs", {})
-        ratios = [r["test_dice"] / base[s]["test_dice"] for s, r in runs.items() if s in base]
-        cells.append(harness.spread(ratios) if ratios else "–")
+                 harness.spread(gaps, "+.4f") if gaps else "–",
+                 harness.spread([r["test_dice"] for r in runs.values()]),
+                 harness.spread(ratios) if ratios else "–"]
         for metric in extra:
             values = [r[metric] for r in runs.values() if metric in r]
             cells.append(harness.spread(values) if values else "–")

@@ -71,11 +71,17 @@ def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
     return out, key
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], fmt: str = ".3f") -> str:
     """``mean (min–max)`` over seeds; a lone value as is."""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+        return f"{values[0]:{fmt}}"
+    return f"{np.mean(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def log_epoch(row: dict) -> None:
+    """Each epoch's numbers in the active MLflow run, stepped by epoch (the chart view's curves)."""
+    mlflow.log_metrics({f"epoch/{k}": float(v) for k, v in row.items()
+                        if isinstance(v, (int, float)) and k != "epoch"}, step=int(row["epoch"]))
 
 
 def log_report(text: str, text_name: str, results: dict, plot_path: Path | None,

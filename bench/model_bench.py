@@ -22,6 +22,9 @@ Arms are named model + train settings (``ARMS``; each applied over ``params.yaml
     python bench/model_bench.py --train --arms resunet24-strong --test
     python bench/model_bench.py --train --save DIR ...; then --saved DIR --test   (score the arms once)
 
+``run_arm`` is the ``supervised`` kind of ``bench/experiment.py``: one config change against the
+shipped one over seeds (``experiments/*-kvasir.yaml``), scored through the graph that is served.
+
 Kvasir-SEG (Jha et al., MMM 2020) and CVC-ClinicDB (Bernal et al., CMIG 2015): research use.
 """
 
@@ -39,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import harness
 from bench.harness import cached_dataset
 from bench.runtime_bench import frames_per_second, on_worker
 from bench.train_throughput import DATA, kvasir_params, train_throughput
@@ -48,9 +52,9 @@ from lesionflow.data.manifest import read_manifest
 from lesionflow.models import runtime
 from lesionflow.models.pyfunc import SegmentationModel
 from lesionflow.models.segmenter import Segmenter
-from lesionflow.steps.evaluate import calibration_batch, score_model
+from lesionflow.steps.evaluate import calibration_batch, score_model, served_predictor
 from lesionflow.steps.train import new_segmenter
-from lesionflow.training import SegmentationDataset, fit, labelled
+from lesionflow.training import SegmentationDataset, fit, labelled, seed_everything
 
 BEFORE = ["model.arch=unet", "model.base_channels=16", "train.augment=flips", "train.loss=dice_bce",
           "train.deep_supervision=0", "train.ema_decay=null"]
@@ -74,6 +78,25 @@ def int8_twin(model: Segmenter, kvasir: Path, train: list) -> runtime.OnnxSegmen
     """``model``'s int8 ONNX graph, calibrated as the evaluate step calibrates it."""
     calibration = calibration_batch(model.eval(), kvasir, train, EvaluateConfig().int8_calibration_images)
     return runtime.OnnxSegmenter(runtime.quantize_int8(runtime.to_onnx(model), calibration), model)
+
+
+def run_arm(params: config.Params, dataset: Path, arm: dict, seed: int, cache: Path) -> dict[str, float]:
+    """The plain model as the pipeline's train step trains it (``fit``, the best validation epoch),
+    scored through what the evaluate step would serve (``served_predictor``: the int8 twin where
+    validation allows, with ``model.tta``): ``val_dice`` (what chooses) and ``test_dice``; and the
+    training's own one-view float measure ``val_dice_float`` and ``epochs`` run (a
+    ``train.max_minutes`` budget shortens the schedule on a slow machine)."""
+    seed_everything(seed, params.train.deterministic)
+    records = read_manifest(dataset)
+    train, val, test = (labelled(records, s) for s in ("train", "val", "test"))
+    model = new_segmenter(params, dataset)
+    fitted = fit(model, SegmentationDataset(dataset, train, model, augment=params.train.augment, seed=seed),
+                 SegmentationDataset(dataset, val, model), params.train, seed=seed, on_epoch=harness.log_epoch)
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        served, _ = served_predictor(params, model.eval(), dataset, records, Path(onnx_dir))
+        return {"val_dice": score_model(served, dataset, val, params.evaluate.threshold).overall("dice"),
+                "test_dice": score_model(served, dataset, test, params.evaluate.threshold).overall("dice"),
+                "val_dice_float": fitted.best_val_dice, "epochs": float(fitted.epochs_run)}
 
 
 def speed_columns(model, frames: list[np.ndarray], int8: runtime.OnnxSegmenter) -> dict[str, float]:

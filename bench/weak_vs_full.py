@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from filelock import FileLock
 
@@ -88,12 +87,6 @@ def seed_model(params: Params, source: str, share: float, seed: int, cache: Path
     return Segmenter.load(path)
 
 
-def log_epoch(row: dict) -> None:
-    """Each epoch's numbers in the active MLflow run, stepped by epoch (the chart view's curves)."""
-    mlflow.log_metrics({f"epoch/{k}": float(v) for k, v in row.items()
-                        if isinstance(v, (int, float)) and k != "epoch"}, step=int(row["epoch"]))
-
-
 def run_arm(params: Params, dataset: Path, arm: dict, seed: int, cache: Path) -> dict[str, float]:
     """val_dice (best epoch), test_dice, test Dice per lesion type, and for the weak arm the final
     pseudo-labels' Dice against the hidden train masks and their ignored share."""
@@ -115,13 +108,13 @@ def run_arm(params: Params, dataset: Path, arm: dict, seed: int, cache: Path) ->
     elif labels == "full":
         train = SegmentationDataset(data, labelled(records, "train"), model, augment=params.train.augment, seed=seed)
         metrics["val_dice"] = fit(model, train, val_set, params.train, seed=seed,
-                                  on_epoch=log_epoch).best_val_dice
+                                  on_epoch=harness.log_epoch).best_val_dice
     else:
         weak = [r for r in records if r.kind == "weak"]
         train = WeakTrainingSet(data, [], weak, model, params.weak_label.default_error,
                                 augment=params.train.augment, seed=seed)
         fitted = fit_weak(model, train, params.weak_label, params.train, seed=seed, val=val_set,
-                          pretrained=bool(source), on_epoch=log_epoch)
+                          pretrained=bool(source), on_epoch=harness.log_epoch)
         metrics["val_dice"] = fitted.best_val_dice
         truth = {r.id: r for r in labelled(read_manifest(dataset), "train")}
         size = params.train.image_size

@@ -94,6 +94,7 @@ def test_the_choice_is_made_on_validation_not_test():
     row_b = next(line for line in text.splitlines() if line.startswith("| **b**"))
     assert "(chosen on val)" in row_b
     assert "0.625" in row_b  # test / baseline: 0.5 / 0.8 per seed
+    assert "-0.1500" in row_b  # val − baseline at the same seed: 0.65 − 0.8 (seed 0 only: full ran it alone)
     assert "| a |" in text and "0.875" in text
 
 
@@ -158,3 +159,32 @@ def test_a_seed_model_trains_once_per_share_and_starts_the_arm(tmp_path, monkeyp
         weak_vs_full.run_arm(params, dataset, {**arm, "seed_masks": 1.5}, 0, tmp_path)
     with pytest.raises(SystemExit, match="labels: none scores the seed_from model"):
         weak_vs_full.run_arm(params, dataset, {"labels": "none"}, 0, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_supervised_kind_trains_the_plain_model_and_scores_what_is_served(tmp_path):
+    """``kind: supervised`` (bench/model_bench.py run_arm) through the real CLI: each arm trains,
+    exports as the evaluate step does and is scored on val and test; the report pairs the arms by
+    seed."""
+    shared_dataset("cvc-clinicdb")
+    spec = tmp_path / "supervised.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "supervised-demo", "kind": "supervised", "dataset": "cvc-clinicdb", "seeds": [0],
+        "set": ["train.image_size=32", "train.epochs=2", "train.max_minutes=null", "model.depth=2",
+                "train.device=cpu", "evaluate.int8_calibration_images=4"],
+        "arms": {"shipped": {"group": "g"}, "ema": {"group": "g", "baseline": "shipped", "set": ["train.ema_decay=0.9"]}}}))
+    command = [sys.executable, str(REPO / "bench" / "experiment.py"), "run", str(spec), "--cache", str(tmp_path / "cache")]
+    env = {**os.environ, "LESIONFLOW_SHARED_DATA": str(SHARED_DATA)}
+    ran = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    for arm in ("shipped", "ema"):
+        line = next(line for line in ran.stdout.splitlines() if line.startswith(f"{arm} seed 0:"))
+        metrics = dict(re.findall(r"(\w+) ([\d.]+)", line.split(":", 1)[1]))
+        assert set(metrics) >= {"val_dice", "test_dice", "val_dice_float", "epochs"}, line
+        assert float(metrics["epochs"]) == 2 and all(0 <= float(metrics[k]) <= 1 for k in ("val_dice", "test_dice"))
+
+    report = subprocess.run([*command[:2], "report", str(spec), "--cache", str(tmp_path / "cache")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert report.returncode == 0, report.stderr
+    row = next(line for line in report.stdout.splitlines() if "| ema" in line or "**ema**" in line)
+    assert re.search(r"\| [+-]\d\.\d{4} \|", row), row  # its paired validation gap to shipped
