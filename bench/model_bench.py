@@ -23,7 +23,7 @@ Arms are named model + train settings (``ARMS``; each applied over ``params.yaml
     python bench/model_bench.py --train --save DIR ...; then --saved DIR --test   (score the arms once)
 
 ``run_arm`` is the ``supervised`` kind of ``bench/experiment.py``: one config change against the
-shipped one over seeds (``experiments/*-kvasir.yaml``), scored through the graph that is served.
+shipped one over seeds (``experiments/kvasir-levers.yaml``), scored through the graph that is served.
 
 Kvasir-SEG (Jha et al., MMM 2020) and CVC-ClinicDB (Bernal et al., CMIG 2015): research use.
 """
@@ -42,8 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import harness
-from bench.harness import cached_dataset
+from bench.harness import cached_dataset, log_epoch
 from bench.runtime_bench import frames_per_second, on_worker
 from bench.train_throughput import DATA, kvasir_params, train_throughput
 from lesionflow import config
@@ -91,7 +90,7 @@ def run_arm(params: config.Params, dataset: Path, arm: dict, seed: int, cache: P
     train, val, test = (labelled(records, s) for s in ("train", "val", "test"))
     model = new_segmenter(params, dataset)
     fitted = fit(model, SegmentationDataset(dataset, train, model, augment=params.train.augment, seed=seed),
-                 SegmentationDataset(dataset, val, model), params.train, seed=seed, on_epoch=harness.log_epoch)
+                 SegmentationDataset(dataset, val, model), params.train, seed=seed, on_epoch=log_epoch)
     with tempfile.TemporaryDirectory() as onnx_dir:
         served, _ = served_predictor(params, model.eval(), dataset, records, Path(onnx_dir))
         return {"val_dice": score_model(served, dataset, val, params.evaluate.threshold).overall("dice"),
