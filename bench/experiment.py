@@ -77,10 +77,11 @@ def arm_params(spec: dict, arm: dict, cache: Path, overrides: list[str]):
 
 
 def run_key(spec: dict, arm: dict, params, seed: int, dataset_key: str, code: str) -> str:
-    """Everything that changes a run's result: the resolved params (where things live aside), what
-    the kind reads from the arm, the seed, the dataset and the package code."""
-    return harness.digest(spec["kind"], params.model_dump(mode="json", exclude={"runtime"}), arm_reads(arm), seed,
-                          dataset_key, code)
+    """Everything that changes a run's result: the resolved params (where things live aside: the
+    dataset key stands for the data), what the kind reads from the arm, the seed, the dataset and
+    the package code."""
+    params_that_matter = params.model_dump(mode="json", exclude={"runtime": True, "ingest": {"source"}})
+    return harness.digest(spec["kind"], params_that_matter, arm_reads(arm), seed, dataset_key, code)
 
 
 def finished_runs(spec: dict) -> list:
@@ -138,10 +139,10 @@ def collect(spec: dict, cache: Path, overrides: list[str]) -> dict:
     results: dict = {"name": spec["name"], "arms": {}, "seeds": spec["seeds"], "code": code}
     for name, arm in spec["arms"].items():
         params = arm_params(spec, arm, cache, overrides)
-        _, dataset_key = harness.cached_dataset(params, cache)
+        data = harness.dataset_key(params)
         rows = {}
         for seed in spec["seeds"]:
-            found = by_key.get(run_key(spec, arm, params, seed, dataset_key, code))
+            found = by_key.get(run_key(spec, arm, params, seed, data, code))
             if found is not None:
                 rows[seed] = {**found.data.metrics, "run_id": found.info.run_id}
         results["arms"][name] = {"label": arm.get("label", name), "group": arm["group"],
@@ -164,6 +165,8 @@ def table(results: dict, spec: dict) -> str:
     extra = spec.get("columns", {})  # metric → column header, besides val/test Dice
     header = ["arm", "seeds", "val Dice", "val Dice − baseline (same seed)", "test Dice", "test Dice / baseline",
               *extra.values()]
+    if not any(arm["runs"] for arm in results["arms"].values()):
+        return f"No finished runs of `{results['name']}` for the current code yet (`bench/experiment.py run` makes them)."
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     chosen = chosen_arms(results)
     for name, arm in results["arms"].items():

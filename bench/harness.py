@@ -55,12 +55,18 @@ def load_params(dataset: str, cache: Path, experiment: str, overrides: list[str]
         "meta_train.enabled=false", *overrides])
 
 
-def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
-    """The canonical dataset for ``params.ingest``, built once per (ingest params, the split seed
-    among them; source content; ingest code)."""
+def dataset_key(params: config.Params) -> str:
+    """What the canonical dataset's content depends on: the ingest params (the split seed among
+    them) but where the source lies, the source's content (its MANIFEST) and the ingest code — so
+    checkouts in different places share a cache, and a report need not build the dataset."""
     source = Path(params.ingest.source)
-    key = digest(params.ingest.model_dump(), (source / "MANIFEST.sha256").read_text(),
-                 code_digest(INGEST_CODE))
+    return digest(params.ingest.model_dump(exclude={"source"}), (source / "MANIFEST.sha256").read_text(),
+                  code_digest(INGEST_CODE))
+
+
+def cached_dataset(params: config.Params, cache: Path) -> tuple[Path, str]:
+    """The canonical dataset for ``params.ingest``, built once per ``dataset_key``."""
+    key, source = dataset_key(params), Path(params.ingest.source)
     out = cache / "datasets" / f"{source.name}-{key}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{out}.lock"):  # processes side by side build it once

@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import experiment  # noqa: E402
+from bench import experiment, harness  # noqa: E402
 from tests.conftest import SHARED_DATA, shared_dataset  # noqa: E402
 
 SPECS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -68,6 +68,7 @@ def test_run_key_changes_with_what_changes_results_only(tmp_path):
     base = key()
     assert base == key(arm={**arm, "label": "renamed", "group": "other"})
     assert base == key(where=["runtime.mlflow_tracking_uri=http://elsewhere:5000"])
+    assert base == key(arm={**arm, "set": ["ingest.source=/elsewhere/kvasir-seg"]})  # the data key says what it holds
     # an override that restates a default resolves to the same params: the same run
     assert base == key(arm={**arm, "set": ["weak_label.size_weight=0"]})
     assert base != key(arm={**arm, "set": ["weak_label.size_weight=1"]})
@@ -76,6 +77,25 @@ def test_run_key_changes_with_what_changes_results_only(tmp_path):
     assert base != key(data="other data")
     assert base != key(code="changed code")
     assert base != key(spec={**spec, "set": ["train.epochs=2"]})
+
+
+def test_the_dataset_key_follows_the_content_not_where_it_lies(tmp_path):
+    def key(folder: str, manifest: str, overrides=()) -> str:
+        source = tmp_path / folder / "kvasir-seg"
+        source.mkdir(parents=True, exist_ok=True)
+        (source / "MANIFEST.sha256").write_text(manifest)
+        params = harness.load_params("kvasir-seg", tmp_path, "demo", [f"ingest.source={source}", *overrides])
+        return harness.dataset_key(params)
+
+    base = key("checkout-a", "abc  images/1.jpg\n")
+    assert base == key("checkout-b", "abc  images/1.jpg\n")
+    assert base != key("checkout-c", "abd  images/1.jpg\n")
+    assert base != key("checkout-a", "abc  images/1.jpg\n", ["ingest.split_seed=7"])
+
+
+def test_a_report_before_any_run_says_so_instead_of_an_empty_table():
+    text = experiment.table(results(full=("", None, {})), {})
+    assert "No finished runs of `demo`" in text and "|" not in text
 
 
 def results(**arms) -> dict:
