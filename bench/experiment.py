@@ -162,11 +162,11 @@ def chosen_arms(results: dict) -> set[str]:
 
 
 def table(results: dict, spec: dict) -> str:
+    if not any(arm["runs"] for arm in results["arms"].values()):
+        return f"No finished runs of `{results['name']}` for the current code yet (`bench/experiment.py run` makes them)."
     extra = spec.get("columns", {})  # metric → column header, besides val/test Dice
     header = ["arm", "seeds", "val Dice", "val Dice − baseline (same seed)", "test Dice", "test Dice / baseline",
               *extra.values()]
-    if not any(arm["runs"] for arm in results["arms"].values()):
-        return f"No finished runs of `{results['name']}` for the current code yet (`bench/experiment.py run` makes them)."
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     chosen = chosen_arms(results)
     for name, arm in results["arms"].items():
