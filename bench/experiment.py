@@ -80,8 +80,7 @@ def run_key(spec: dict, arm: dict, params, seed: int, dataset_key: str, code: st
     """Everything that changes a run's result: the resolved params (where things live aside: the
     dataset key stands for the data), what the kind reads from the arm, the seed, the dataset and
     the package code."""
-    params_that_matter = params.model_dump(mode="json", exclude={"runtime": True, "ingest": {"source"}})
-    return harness.digest(spec["kind"], params_that_matter, arm_reads(arm), seed, dataset_key, code)
+    return harness.digest(spec["kind"], harness.params_that_matter(params), arm_reads(arm), seed, dataset_key, code)
 
 
 def finished_runs(spec: dict) -> list:

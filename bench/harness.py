@@ -55,6 +55,12 @@ def load_params(dataset: str, cache: Path, experiment: str, overrides: list[str]
         "meta_train.enabled=false", *overrides])
 
 
+def params_that_matter(params: config.Params) -> dict:
+    """The resolved params a cached result depends on: where things live aside (runtime; the
+    dataset's key stands for ``ingest.source``), so checkouts in different places share a cache."""
+    return params.model_dump(mode="json", exclude={"runtime": True, "ingest": {"source"}})
+
+
 def dataset_key(params: config.Params) -> str:
     """What the canonical dataset's content depends on: the ingest params (the split seed among
     them) but where the source lies, the source's content (its MANIFEST) and the ingest code — so

@@ -69,7 +69,7 @@ def load_params(dataset: str, cache: Path, overrides: list[str]) -> config.Param
 def champion(params: config.Params, dataset: Path, dataset_key: str) -> tuple[str, str, float | None]:
     """(model name, version, training wall s or None when cached): the registered model name carries
     the key of everything that changes the champion, so a cached one is found by name."""
-    key = digest(params.digest(), dataset_key, code_digest(TRAIN_CODE),
+    key = digest(harness.params_that_matter(params), dataset_key, code_digest(TRAIN_CODE),
                  hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
     name = f"warm-bench-champion-{key}"
     version = registry.champion_version(name)
