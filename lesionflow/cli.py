@@ -14,6 +14,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from lesionflow import config, skip_exit_gc
 from lesionflow.errors import LeaseHeldError, LesionflowError
+from lesionflow.lineage import NONE
 
 
 def params_files(named: list[str] | None) -> list[str]:
@@ -55,6 +56,7 @@ def format_summary(summary: dict) -> str:
         f"  pipeline run     {summary['pipeline_run_id']}",
         f"  dataset (DVC)    {summary['dataset_dvc_md5']}",
         f"  corrections      {summary['corrections_md5']}",
+        *budget_line(summary),
         f"  test metrics     dice {overall['dice']:.3f}  iou {overall['iou']:.3f}  "
         f"hd95 {overall['hd95']:.1f}{hd95_unit(overall)}  (n={overall['n']})",
     ]
@@ -73,6 +75,16 @@ def format_summary(summary: dict) -> str:
         f"  MLflow           {summary['tracking_uri']}",
     ]
     return "\n".join(lines)
+
+
+def budget_line(summary: dict) -> list[str]:
+    """Why a model trained on a slower machine scores lower than the same config elsewhere: the
+    budget ran fewer epochs (``train.max_minutes``; a CPU without bf16 units trains in fp32)."""
+    if summary["trained_epochs"] == NONE:
+        return []
+    return [f"  training         {summary['trained_epochs']} of {summary['planned_epochs']} epochs: "
+            f"train.max_minutes {summary['max_minutes']:g} ended the schedule on this machine "
+            "(--set train.max_minutes=null runs them all)"]
 
 
 def hd95_unit(row: dict) -> str:
