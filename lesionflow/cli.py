@@ -43,12 +43,13 @@ def _load_params(args: argparse.Namespace) -> config.Params:
 def cmd_run(args: argparse.Namespace) -> int:
     from lesionflow.pipeline_runs import run_local
 
-    summary = run_local(_load_params(args))
-    print(format_summary(summary))
+    params = _load_params(args)
+    print(format_summary(run_local(params), params.train))
     return 0
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, train: config.TrainConfig) -> str:
+    """The run's outcome; ``train``, the settings it ran with, says what a cut schedule planned."""
     overall = summary["test_metrics"]["overall"]
     lines = [
         "",
@@ -56,7 +57,7 @@ def format_summary(summary: dict) -> str:
         f"  pipeline run     {summary['pipeline_run_id']}",
         f"  dataset (DVC)    {summary['dataset_dvc_md5']}",
         f"  corrections      {summary['corrections_md5']}",
-        *budget_line(summary),
+        *budget_line(summary, train),
         f"  test metrics     dice {overall['dice']:.3f}  iou {overall['iou']:.3f}  "
         f"hd95 {overall['hd95']:.1f}{hd95_unit(overall)}  (n={overall['n']})",
     ]
@@ -77,13 +78,13 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def budget_line(summary: dict) -> list[str]:
+def budget_line(summary: dict, train: config.TrainConfig) -> list[str]:
     """Why a model trained on a slower machine scores lower than the same config elsewhere: the
     budget ran fewer epochs (``train.max_minutes``; a CPU without bf16 units trains in fp32)."""
     if summary["trained_epochs"] == NONE:
         return []
-    return [f"  training         {summary['trained_epochs']} of {summary['planned_epochs']} epochs: "
-            f"train.max_minutes {summary['max_minutes']:g} ended the schedule on this machine "
+    return [f"  training         {summary['trained_epochs']} of {train.epochs} epochs: "
+            f"train.max_minutes {train.max_minutes:g} ended the schedule on this machine "
             "(--set train.max_minutes=null runs them all)"]
 
 
@@ -164,7 +165,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         print(f"submitted run {run_id} to {args.host}")
         return 0
     try:
-        print(format_summary(run_local(params)))
+        print(format_summary(run_local(params), params.train))
     except LeaseHeldError as err:  # another tick got there first: its run trains on the same data
         print(f"retrain: nothing to do: {err}")
     return 0

@@ -190,8 +190,6 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
         "test_metrics": evaluation.candidate.table,
         # what the test metrics are of, when the wall-time budget ended training early
         "trained_epochs": used[lineage.TAG_TRAINED_EPOCHS],
-        "planned_epochs": params.train.epochs,
-        "max_minutes": params.train.max_minutes,
         "fps": evaluation.candidate.fps,
         "tracking_uri": mlflow.get_tracking_uri(),
         "recovered": outcome.recovered,
