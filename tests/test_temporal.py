@@ -1,10 +1,12 @@
 """Temporal consistency (issue 16 part 4): the metric on hand-built sequences, its columns in the
-evaluate step's tables (video frames only), and the gate's max_temporal_drop."""
+evaluate step's tables (video frames only), and the gate's max_temporal_drop; what the evaluate
+step's frames/s counts."""
 
 from __future__ import annotations
 
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from lesionflow import registry as reg
 from lesionflow.data.manifest import Record
 from lesionflow.metrics import temporal_consistency
+from lesionflow.steps import evaluate
 from lesionflow.steps.evaluate import same_pairs, score_model
 
 SIZE = 20
@@ -96,6 +99,26 @@ def test_score_model_adds_temporal_columns_for_video_frames_only(tmp_path):
     assert kept["a_f10"] is None and kept["b_f1"] == "b_f0"
     assert set(same_pairs(champion, score.rows)[0]) >= {"id", "dice", "lesion_type"}
 
+
+
+class SlowImageIsMask(ImageIsMask):
+    def predict_proba(self, images, lesion_types):
+        time.sleep(0.02)
+        return super().predict_proba(images, lesion_types)
+
+
+def test_frames_per_second_counts_the_prediction_not_the_scoring(tmp_path, monkeypatch):
+    """The summary's "inference frames/s" is what serving would reach: scoring a frame (HD95's
+    distance transforms) and reading it from disk are the evaluation's own work, not the model's."""
+    def slow_metrics(*args, **kwargs):
+        time.sleep(0.06)
+        return image_metrics(*args, **kwargs)
+
+    image_metrics = evaluate.image_metrics
+    monkeypatch.setattr(evaluate, "image_metrics", slow_metrics)
+    records = [write(tmp_path, f"s{i}", square(i), square(0), "c", f"s{i}", None) for i in range(5)]
+    # 20 ms per prediction: at most 50 frames/s; the 60 ms of scoring per frame would make it < 12.5
+    assert 30 < score_model(SlowImageIsMask(), tmp_path, records, 0.5).fps <= 50
 
 def table(dice: float, temporal: float | None = None) -> dict[str, dict[str, float]]:
     row = {"n": 10, "dice": dice}
