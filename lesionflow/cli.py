@@ -65,7 +65,7 @@ def format_summary(summary: dict, train: config.TrainConfig) -> str:
         if name != "overall":
             lines.append(f"    {name:<14} dice {row['dice']:.3f}  iou {row['iou']:.3f}  (n={row['n']})")
     lines += [
-        f"  inference        {summary['fps']:.1f} frames/s (real time: 30)",
+        f"  inference        {summary['fps']:.1f} frames/s served as {summary['served']} (real time: 30)",
         f"  registered       {summary['model']} v{summary['version']}",
         f"  gate             {'promoted' if summary['promoted'] else 'refused'}: {summary['gate']}",
         *([f"  compared on      {c['n']} test records neither model has seen (champion "

@@ -191,6 +191,7 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
         # what the test metrics are of, when the wall-time budget ended training early
         "trained_epochs": used[lineage.TAG_TRAINED_EPOCHS],
         "fps": evaluation.candidate.fps,
+        "served": evaluation.served_precision,  # what the frames/s are of
         "tracking_uri": mlflow.get_tracking_uri(),
         "recovered": outcome.recovered,
     })
