@@ -80,10 +80,12 @@ def format_summary(summary: dict, train: config.TrainConfig) -> str:
 
 def budget_line(summary: dict, train: config.TrainConfig) -> list[str]:
     """Why a model trained on a slower machine scores lower than the same config elsewhere: the
-    budget ran fewer epochs (``train.max_minutes``; a CPU without bf16 units trains in fp32)."""
+    budget ran fewer epochs (``train.max_minutes``), and in what precision (a CPU without bf16
+    units trains in fp32, some 4x slower)."""
     if summary["trained_epochs"] == NONE:
         return []
-    return [f"  training         {summary['trained_epochs']} of {train.epochs} epochs: "
+    precision = "" if summary["trained_precision"] == NONE else f" in {summary['trained_precision']}"
+    return [f"  training         {summary['trained_epochs']} of {train.epochs} epochs{precision}: "
             f"train.max_minutes {train.max_minutes:g} ended the schedule on this machine "
             "(--set train.max_minutes=null runs them all)"]
 

@@ -31,6 +31,8 @@ TAG_WEAK_MODEL = _PREFIX + "weak_model"  # runs:/<id>/weak_model: the area-ratio
 TAG_INIT_FROM_VERSION = _PREFIX + "init_from_version"  # warm start: weights trained further
 # plain training's epochs when train.max_minutes ended the schedule early ("none": all of train.epochs)
 TAG_TRAINED_EPOCHS = _PREFIX + "trained_epochs"
+# what plain training's forward pass ran in, bf16 | fp32: train.precision "auto" depends on the CPU
+TAG_TRAINED_PRECISION = _PREFIX + "trained_precision"
 TAG_GIT_COMMIT = _PREFIX + "git_commit"
 TAG_GIT_DIRTY = _PREFIX + "git_dirty"  # "true" when the code had uncommitted changes
 TAG_PARAMS_HASH = _PREFIX + "params_hash"
@@ -43,7 +45,8 @@ DATASET_TAGS = {"ingested": TAG_DATASET_MD5, "augmented": TAG_AUGMENTED_DATASET_
                 "trained_on": TAG_PSEUDO_DATASET_MD5}
 # what a pipeline step may add to the lineage it passes on
 STEP_KEYS = (TAG_DATASET_MD5, TAG_CORRECTIONS_MD5, TAG_AUGMENTED_DATASET_MD5, TAG_PSEUDO_DATASET_MD5,
-             TAG_LABELLER_VERSION, TAG_VIDEO_MODEL, TAG_WEAK_MODEL, TAG_INIT_FROM_VERSION, TAG_TRAINED_EPOCHS)
+             TAG_LABELLER_VERSION, TAG_VIDEO_MODEL, TAG_WEAK_MODEL, TAG_INIT_FROM_VERSION, TAG_TRAINED_EPOCHS,
+             TAG_TRAINED_PRECISION)
 KEYS = STEP_KEYS + (TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_PARAMS_HASH, TAG_PIPELINE_RUN_ID,
                     TAG_PARENT_VERSION)
 # The caller must know these; the code version and the parent version can be found out here.

@@ -128,6 +128,11 @@ class TrainingLoop:
         anneal["end_step"] = total_steps - 1
         scheduler.total_steps = total_steps
 
+    @property
+    def precision(self) -> str:
+        """What the forward pass runs in: "bf16" (autocast) or "fp32"."""
+        return "fp32" if self.autocast_dtype is None else "bf16"
+
     def out_of_time(self) -> bool:
         return distributed.from_main(bool(self.max_minutes) and self.seconds > self.max_minutes * 60)
 

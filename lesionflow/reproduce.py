@@ -33,6 +33,7 @@ from lesionflow.lineage import (
     TAG_REPRODUCES,
     TAG_SERVED_PRECISION,
     TAG_TRAINED_EPOCHS,
+    TAG_TRAINED_PRECISION,
     code_version,
     package_dir,
 )
@@ -87,17 +88,24 @@ def code_notes(tags: dict[str, str]) -> list[str]:
     return notes
 
 
-def schedule_as_trained(params: Params, tags: dict[str, str]) -> tuple[Params, list[str]]:
-    """``params`` with the epochs the version trained for: when ``train.max_minutes`` ended its
-    schedule early, that many epochs and no time limit — the budget's decision, not a new one by
-    this machine's clock (a schedule planned for them from the start ramps and anneals a little
-    differently from the shortened one, so the note says so)."""
+def training_as_registered(params: Params, tags: dict[str, str]) -> tuple[Params, list[str]]:
+    """``params`` with the decisions the training machine made, not new ones by this machine:
+    when ``train.max_minutes`` ended the version's schedule early, that many epochs and no time
+    limit (a schedule planned for them from the start ramps and anneals a little differently from
+    the shortened one, so the note says so); and the precision ``train.precision: auto`` chose
+    there (bf16 where the CPU had bf16 units), which this machine might not."""
+    notes = []
     epochs = tags.get(TAG_TRAINED_EPOCHS, NONE)
-    if epochs == NONE:
-        return params, []
-    note = (f"train.max_minutes ended its schedule after {epochs} of {params.train.epochs} epochs: "
-            f"rebuilt with {epochs} epochs and no time limit")
-    return params.with_section("train", epochs=int(epochs), max_minutes=None), [note]
+    if epochs != NONE:
+        notes.append(f"train.max_minutes ended its schedule after {epochs} of {params.train.epochs} epochs: "
+                     f"rebuilt with {epochs} epochs and no time limit")
+        params = params.with_section("train", epochs=int(epochs), max_minutes=None)
+    precision = tags.get(TAG_TRAINED_PRECISION, NONE)
+    if precision != NONE and params.train.precision != precision:
+        notes.append(f"train.precision {params.train.precision} resolved to {precision} where it trained: "
+                     f"rebuilt in {precision}")
+        params = params.with_section("train", precision=precision)
+    return params, notes
 
 
 def reproduce(here: Params, version: str) -> Reproduction:
@@ -116,8 +124,8 @@ def reproduce(here: Params, version: str) -> Reproduction:
     params = params.with_section("train", init_from=None if warm == NONE else warm)
     if TAG_SERVED_PRECISION not in tags:  # registered before int8 exports: it served its float graph
         params = params.with_section("evaluate", int8=False)
-    params, schedule_note = schedule_as_trained(params, tags)
-    notes = code_notes(tags) + schedule_note
+    params, training_notes = training_as_registered(params, tags)
+    notes = code_notes(tags) + training_notes
     datasets = {"trained on": tags[TAG_PSEUDO_DATASET_MD5], "evaluated on": tags[TAG_DATASET_MD5]}
     runtime = params.runtime
     with tempfile.TemporaryDirectory(prefix="lesionflow-reproduce-") as tmp:

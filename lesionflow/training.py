@@ -79,6 +79,7 @@ class FitResult:
     best_val_dice: float
     epochs_run: int  # fewer than train.epochs when train.max_minutes shortened the schedule
     seconds: float
+    precision: str  # "bf16" | "fp32": what train.precision ("auto": by the hardware) resolved to
     history: list[dict] = field(default_factory=list)
 
 
@@ -162,7 +163,7 @@ def fit(model: Segmenter, train: SegmentationDataset | IterableDataset, val: Seg
             print(f"train.max_minutes {cfg.max_minutes:g}: at {loop.seconds / 60 / epoch:.2f} min per epoch "
                   f"{planned} epochs would not fit; the schedule now ends after epoch {epochs}")
     loop.finish()
-    return FitResult(loop.best_at, loop.best_score, len(history), loop.seconds, history)
+    return FitResult(loop.best_at, loop.best_score, len(history), loop.seconds, loop.precision, history)
 
 
 class BatchRescaler:

@@ -11,12 +11,12 @@ from lesionflow import lineage
 from lesionflow import loop as loop_module
 from lesionflow.config import Params, TrainConfig
 from lesionflow.data.augment import Augmenter
-from lesionflow.loop import TrainingLoop
+from lesionflow.loop import TrainingLoop, uses_bf16
 from lesionflow.losses import IGNORE, structure_loss, structure_pixel_weight
 from lesionflow.models import build_model
 from lesionflow.models.resunet import ResUNet
 from lesionflow.models.segmenter import Segmenter
-from lesionflow.reproduce import schedule_as_trained
+from lesionflow.reproduce import training_as_registered
 from lesionflow.training import (
     BatchRescaler,
     SegmentationDataset,
@@ -252,11 +252,32 @@ def test_fit_under_a_budget_its_epochs_do_not_fit_ends_early_and_says_how_many_i
 
 def test_reproduce_trains_for_the_epochs_the_budget_chose_without_a_clock():
     params = Params().with_section("train", epochs=40, max_minutes=50)
-    same, notes = schedule_as_trained(params, {lineage.TAG_GIT_COMMIT: "abc"})
+    same, notes = training_as_registered(params, {lineage.TAG_GIT_COMMIT: "abc"})
     assert same == params and notes == []
-    rebuilt, notes = schedule_as_trained(params, {lineage.TAG_TRAINED_EPOCHS: "17"})
+    rebuilt, notes = training_as_registered(params, {lineage.TAG_TRAINED_EPOCHS: "17"})
     assert (rebuilt.train.epochs, rebuilt.train.max_minutes) == (17, None)
     assert "after 17 of 40 epochs" in notes[0]
+
+
+def test_reproduce_trains_in_the_precision_auto_chose_where_the_version_trained():
+    auto = Params().with_section("train", precision="auto")
+    for trained in ("fp32", "bf16"):  # the registering machine's CPU decided, not this one's
+        rebuilt, notes = training_as_registered(auto, {lineage.TAG_TRAINED_PRECISION: trained})
+        assert rebuilt.train.precision == trained and f"resolved to {trained}" in notes[0]
+    # asked for explicitly: nothing to pin; registered before the tag existed: nothing known
+    assert training_as_registered(Params().with_section("train", precision="fp32"),
+                                  {lineage.TAG_TRAINED_PRECISION: "fp32"})[1] == []
+    assert training_as_registered(auto, {lineage.TAG_TRAINED_PRECISION: lineage.NONE})[1] == []
+
+
+def test_fit_says_what_precision_auto_resolved_to():
+    model = Segmenter(ResUNet(3, 8, 2), 32, [0.0] * 3, [1.0] * 3)
+    data = _Arrays(4, "none")
+    for precision in ("fp32", "bf16"):
+        result = fit(model, data, data, TrainConfig(image_size=32, batch_size=4, epochs=1, precision=precision), seed=0)
+        assert result.precision == precision
+    auto = fit(model, data, data, TrainConfig(image_size=32, batch_size=4, epochs=1, precision="auto"), seed=0)
+    assert auto.precision == ("bf16" if uses_bf16("auto", torch.device("cpu")) else "fp32")
 
 
 @pytest.mark.parametrize(("tta", "views"), [("h", 2), ("hv", 4)])

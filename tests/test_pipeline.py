@@ -60,14 +60,15 @@ def test_summary_says_what_its_figures_are_of():
     train = config.Params().train.model_copy(update={"epochs": 150, "max_minutes": 48.0})
     table = {"overall": {"dice": 0.833, "iou": 0.754, "hd95": 50.2, "n": 143}}
     summary = {"pipeline_run_id": "r", "dataset_dvc_md5": "d.dir", "corrections_md5": "none",
-               "test_metrics": table, "trained_epochs": "41",
+               "test_metrics": table, "trained_epochs": "41", "trained_precision": "fp32",
                "fps": 36.2, "served": "int8", "model": "polyp-segmenter", "version": "1", "promoted": True, "gate": "ok",
                "compared": None, "champion": "1", "tracking_uri": "sqlite://"}
     cut = format_summary(summary, train)
-    assert ("  training         41 of 150 epochs: train.max_minutes 48 ended the schedule on this machine"
-            in cut)
+    assert ("  training         41 of 150 epochs in fp32: train.max_minutes 48 ended the schedule on this "
+            "machine" in cut)
     assert cut.index("training ") < cut.index("test metrics")  # read before the figures it qualifies
     assert "training " not in format_summary({**summary, "trained_epochs": lineage.NONE}, train)
+    assert "41 of 150 epochs: " in format_summary({**summary, "trained_precision": lineage.NONE}, train)
     assert "  inference        36.2 frames/s served as int8 (real time: 30)" in cut
 
 

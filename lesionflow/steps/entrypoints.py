@@ -139,7 +139,8 @@ def meta_train(params_json: str, pipeline_run_id: str, lineage_json: str, datase
                                       Path(dataset_path), Path(model_path))
     return {"mlflow_run_id": run_id, "models": sorted(outcome.results) or ["plain"],
             "lineage": lineage.merged(lineage_json, init_from_version=warm_from,
-                                      trained_epochs=outcome.budget_epochs)}
+                                      trained_epochs=outcome.budget_epochs,
+                                      trained_precision=outcome.precision)}
 
 
 def evaluate(params_json: str, pipeline_run_id: str, lineage_json: str, dataset_path: str,
@@ -190,6 +191,7 @@ def register(params_json: str, pipeline_run_id: str, lineage_json: str, model_pa
         "test_metrics": evaluation.candidate.table,
         # what the test metrics are of, when the wall-time budget ended training early
         "trained_epochs": used[lineage.TAG_TRAINED_EPOCHS],
+        "trained_precision": used[lineage.TAG_TRAINED_PRECISION],
         "fps": evaluation.candidate.fps,
         "served": evaluation.served_precision,  # what the frames/s are of
         "tracking_uri": mlflow.get_tracking_uri(),

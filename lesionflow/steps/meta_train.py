@@ -34,6 +34,7 @@ class MetaTrainOutcome:
     results: dict[str, MetaResult]  # per trained model ("all", or one per lesion type)
     pools: dict[str, dict[str, int]]  # task → {"good": n, "bad": n}
     budget_epochs: int | None = None  # plain training: the epochs train.max_minutes cut it to
+    precision: str | None = None  # plain training: bf16 | fp32 (meta-training runs in fp32)
 
 
 def task_key(record: Record, task_by: str) -> str:
@@ -144,7 +145,8 @@ def run(params: Params, dataset_dir: Path, out_dir: Path,
     if not mcfg.enabled:
         fitted = train(params, dataset_dir, out_dir, train_shards)
         cut = fitted.epochs_run < params.train.epochs
-        return MetaTrainOutcome({}, {}, budget_epochs=fitted.epochs_run if cut else None)
+        return MetaTrainOutcome({}, {}, budget_epochs=fitted.epochs_run if cut else None,
+                                precision=fitted.precision)
     mlflow.log_params({f"model.{k}": v for k, v in params.model.model_dump().items()})
     mlflow.log_metrics({"n_good": sum(not is_bad(r) for r in records),
                         "n_bad": sum(is_bad(r) for r in records),

@@ -184,6 +184,7 @@ def train(params: Params, dataset_dir: Path, out_dir: Path,
     result = fit(model, train_set, val_set, params.train, seed=params.seed, on_epoch=log_epoch)
     mlflow.log_metrics({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
                         "epochs_run": result.epochs_run, "train_seconds": result.seconds})
+    mlflow.log_param("trained_precision", result.precision)
     mlflow.log_figure(learning_curves(result), "learning_curves.png")
     save_model(model, out_dir)
     return result
