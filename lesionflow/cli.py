@@ -80,8 +80,8 @@ def format_summary(summary: dict, train: config.TrainConfig) -> str:
 
 def budget_line(summary: dict, train: config.TrainConfig) -> list[str]:
     """Why a model trained on a slower machine scores lower than the same config elsewhere: the
-    budget ran fewer epochs (``train.max_minutes``), and in what precision (a CPU without bf16
-    units trains in fp32, some 4x slower)."""
+    budget ran fewer epochs (``train.max_minutes``), and in what precision (``precision: auto``
+    trains in fp32 on a CPU without bf16 units, where emulated bf16 would be slower still)."""
     if summary["trained_epochs"] == NONE:
         return []
     precision = "" if summary["trained_precision"] == NONE else f" in {summary['trained_precision']}"

@@ -105,7 +105,7 @@ def score_model(model, dataset_dir: Path, records: list[Record], threshold: floa
     aggregated per lesion type; frames/s measured one frame at a time, as a real-time video stream
     would arrive: the prediction with its pre- and post-processing (resize, normalise, network,
     resize back, threshold), not the decoding from disk or the scoring, which serving does not do
-    (they took 45 % of this loop on a 2-core CPU, so counting them halved the reported rate).
+    (they took 45 % of this loop on a 2-core CPU, so counting them nearly halved the reported rate).
 
     Video frames (``frame_index`` set) are scored in frame order per video, each row carrying the
     Dice of its predicted and true mask with the previous scored frame's, so the temporal
