@@ -100,7 +100,6 @@ def test_score_model_adds_temporal_columns_for_video_frames_only(tmp_path):
     assert set(same_pairs(champion, score.rows)[0]) >= {"id", "dice", "lesion_type"}
 
 
-
 class SlowImageIsMask(ImageIsMask):
     def predict_proba(self, images, lesion_types):
         time.sleep(0.02)
@@ -110,15 +109,17 @@ class SlowImageIsMask(ImageIsMask):
 def test_frames_per_second_counts_the_prediction_not_the_scoring(tmp_path, monkeypatch):
     """The summary's "inference frames/s" is what serving would reach: scoring a frame (HD95's
     distance transforms) and reading it from disk are the evaluation's own work, not the model's."""
+    image_metrics = evaluate.image_metrics
+
     def slow_metrics(*args, **kwargs):
         time.sleep(0.06)
         return image_metrics(*args, **kwargs)
 
-    image_metrics = evaluate.image_metrics
     monkeypatch.setattr(evaluate, "image_metrics", slow_metrics)
     records = [write(tmp_path, f"s{i}", square(i), square(0), "c", f"s{i}", None) for i in range(5)]
     # 20 ms per prediction: at most 50 frames/s; the 60 ms of scoring per frame would make it < 12.5
     assert 30 < score_model(SlowImageIsMask(), tmp_path, records, 0.5).fps <= 50
+
 
 def table(dice: float, temporal: float | None = None) -> dict[str, dict[str, float]]:
     row = {"n": 10, "dice": dice}
